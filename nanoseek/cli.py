@@ -1,0 +1,218 @@
+"""``nanoseek <command>``: the command-line interface.
+
+Heavy imports (torch, the model) happen inside the handlers so that ``nanoseek --help`` is quick.
+Errors caused by user input (:class:`~nanoseek.errors.NanoseekError`) print one ``error: ...`` line
+and exit with status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+from .errors import NanoseekError
+
+# Commands whose implementation has not landed yet, with the issue that tracks each.
+COMING_SOON = {
+    "pretrain": 4, "report": 4,
+    "sft": 5, "grpo": 5, "distill": 5, "eval": 5, "speedrun": 5,
+    "generate": 6, "serve": 6, "chat": 6,
+}
+STAGES = (  # what the speedrun will run, in order, and where each stands
+    ("tokenizer", "nanoseek tokenizer train", None),
+    ("pretrain", "nanoseek pretrain", 4),
+    ("sft (cold start)", "nanoseek sft", 5),
+    ("grpo (reasoning RL)", "nanoseek grpo", 5),
+    ("distill", "nanoseek distill", 5),
+    ("eval", "nanoseek eval", 5),
+    ("serve / chat", "nanoseek serve", 6),
+    ("report card", "nanoseek report", 4),
+)
+
+
+def _coming_soon(name: str) -> str:
+    return f"nanoseek {name}: coming soon — tracked in issue {COMING_SOON[name]}"
+
+
+# --------------------------------------------------------------------------- handlers
+def _config_from_args(args: argparse.Namespace):
+    from .config import ModelConfig, get_preset
+
+    if args.config is not None:
+        return ModelConfig.from_json(args.config), str(args.config)
+    return get_preset(args.preset), f"preset {args.preset}"
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .info import describe, format_info
+
+    config, source = _config_from_args(args)
+    d = describe(config, seq_len=args.seq_len)
+    if args.json:
+        print(json.dumps(d, indent=2))
+    else:
+        print(format_info(d, title=f"nanoseek info: {source}"))
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    import torch
+
+    import nanoseek
+
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+    print(f"loading {args.src} as {args.dtype}")
+    model = nanoseek.load(args.src, dtype=dtype)
+    print(f"saving to {args.dst} (shards up to {args.max_shard_size})")
+    nanoseek.save(model, args.dst, max_shard_size=args.max_shard_size)
+    print("done")
+    return 0
+
+
+def cmd_tokenizer(argv: list[str]) -> int:
+    """Everything after ``tokenizer`` goes to the tokenizer tool, which has its own parser."""
+    try:
+        from .data.tokenizer import tokenizer_main
+    except ModuleNotFoundError as exc:
+        if not (exc.name or "").startswith("nanoseek.data"):
+            raise
+        raise NanoseekError("the tokenizer tools are not available yet (nanoseek.data.tokenizer "
+                            "is missing)") from None
+    return int(tokenizer_main(argv) or 0)
+
+
+def cmd_speedrun(args: argparse.Namespace) -> int:
+    import importlib.util
+    import time
+
+    import torch
+
+    from .config import get_preset
+    from .device import autocast_dtype, device_name, pick_device, synchronize
+    from .info import describe, format_info
+    from .model import DeepSeekV3
+
+    print(f"nanoseek speedrun: the full recipe is coming soon — tracked in issue {COMING_SOON['speedrun']}; "
+          "today: a sanity check")
+    device = pick_device(args.device)
+    print(f"device: {device} ({device_name(device)})")
+    config = get_preset("small")
+    print(format_info(describe(config), title="model: preset small"))
+
+    torch.manual_seed(args.seed)
+    model = DeepSeekV3(config).to(device)
+    model.train()
+    ids = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len + 1), device=device)
+    inputs, targets = ids[:, :-1], ids[:, 1:]
+    amp = autocast_dtype(device)
+    start = time.perf_counter()
+    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+        out = model(inputs, labels=targets)
+    loss = out.loss
+    loss.backward()
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    grad_norm = torch.sqrt(sum(p.grad.float().pow(2).sum() for p in model.parameters()
+                               if p.grad is not None))
+    if not torch.isfinite(loss) or not torch.isfinite(grad_norm):
+        raise NanoseekError(f"sanity check failed: loss {loss.item()} grad norm {grad_norm.item()}")
+    expected = torch.log(torch.tensor(float(config.vocab_size))).item()
+    parts = [f"loss {loss.item():.4f}", f"lm loss {out.lm_loss.item():.4f} (ln vocab = {expected:.4f})"]
+    if out.mtp_loss is not None:
+        parts.append(f"mtp loss {out.mtp_loss.item():.4f}")
+    print(f"sanity check: one forward/backward on {args.batch_size}x{args.seq_len} random tokens: "
+          f"{', '.join(parts)}, grad norm {grad_norm.item():.4f}, {seconds:.2f}s")
+    tokenizer_ready = importlib.util.find_spec("nanoseek.data.tokenizer") is not None
+    print("stages:")
+    for stage, command, issue in STAGES:
+        if issue is None:
+            status = "ready" if tokenizer_ready else "coming soon"
+        else:
+            status = f"coming soon (issue {issue})"
+        print(f"  {stage:<20} {command:<26} {status}")
+    return 0
+
+
+def _stub(name: str) -> Callable[[argparse.Namespace], int]:
+    def handler(args: argparse.Namespace) -> int:
+        print(_coming_soon(name), file=sys.stderr)
+        return 2
+
+    return handler
+
+
+# --------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nanoseek",
+        description="The DeepSeek-V3 / R1 recipe: tokenizer, pretrain, SFT, GRPO, distill, eval, serve.")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"nanoseek {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
+
+    p = sub.add_parser("info", help="parameters, memory, KV cache and FLOPs of a model config")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--preset", help="tiny, small, bench or v3")
+    source.add_argument("--config", help="a config.json, or a checkpoint directory holding one")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="sequence length for the FLOPs figure (default: min(4096, max positions))")
+    p.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    p.set_defaults(handler=cmd_info)
+
+    p = sub.add_parser("convert", help="load a HF DeepSeek-V3 checkpoint and save it in nanoseek's format")
+    p.add_argument("--src", required=True, help="source checkpoint directory (config.json + safetensors)")
+    p.add_argument("--dst", required=True, help="destination directory")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    p.add_argument("--max-shard-size", default="2GB", help="e.g. 500MB, 2GB (default 2GB)")
+    p.set_defaults(handler=cmd_convert)
+
+    # Listed for --help only: main() hands `tokenizer ...` to the tokenizer tool before parsing.
+    sub.add_parser("tokenizer", help="train or inspect a BPE tokenizer (`nanoseek tokenizer train --help`)")
+
+    p = sub.add_parser("speedrun", help="the whole recipe on this machine (today: a sanity check)")
+    p.add_argument("--device", default="auto", help="auto, cuda, xpu, npu, mps or cpu")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=cmd_speedrun)
+
+    helps = {
+        "pretrain": "pre-train a model from scratch", "sft": "supervised fine-tuning / cold start",
+        "grpo": "GRPO reasoning RL with rule-based rewards", "distill": "distil a teacher into a student",
+        "eval": "evaluate on verifiable tasks", "generate": "generate text from a checkpoint",
+        "serve": "HTTP server", "chat": "interactive chat", "report": "cost and quality report card",
+    }
+    for name in ("pretrain", "sft", "grpo", "distill", "eval", "generate", "serve", "chat", "report"):
+        p = sub.add_parser(name, help=f"{helps[name]} (coming soon, issue {COMING_SOON[name]})")
+        p.set_defaults(handler=_stub(name), accepts_any=True)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] == "tokenizer":
+            return cmd_tokenizer(argv[1:])
+        parser = build_parser()
+        args, unknown = parser.parse_known_args(argv)
+        if unknown and not getattr(args, "accepts_any", False):
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        return args.handler(args)
+    except NanoseekError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `nanoseek info ... | head`: the reader left; not an error of ours
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
