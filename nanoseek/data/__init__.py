@@ -1,0 +1,67 @@
+"""Data pipeline: tokenizer, corpus readers, token shards, packing and sampling."""
+
+from nanoseek.data.loader import DeterministicSampler, PackedDataset, iterate_batches
+from nanoseek.data.shards import (
+    Manifest,
+    ShardInfo,
+    SourceInfo,
+    build_shards,
+    data_main,
+    document_hash,
+    open_shards,
+    read_manifest,
+    token_dtype,
+)
+from nanoseek.data.sources import (
+    SUPPORTED_SUFFIXES,
+    DataError,
+    SourceStats,
+    iter_documents,
+    iter_file_documents,
+    resolve_paths,
+)
+from nanoseek.data.tokenizer import (
+    CHAT_TEMPLATE,
+    CONTROL_TOKENS,
+    REASONING_TOKENS,
+    SPECIAL_TOKENS,
+    NanoTokenizer,
+    check_vocab,
+    load_tokenizer,
+    padded_vocab_size,
+    tokenizer_fingerprint,
+    tokenizer_main,
+    train_tokenizer,
+)
+
+__all__ = [
+    "CHAT_TEMPLATE",
+    "CONTROL_TOKENS",
+    "DataError",
+    "DeterministicSampler",
+    "Manifest",
+    "NanoTokenizer",
+    "PackedDataset",
+    "REASONING_TOKENS",
+    "SPECIAL_TOKENS",
+    "SUPPORTED_SUFFIXES",
+    "ShardInfo",
+    "SourceInfo",
+    "SourceStats",
+    "build_shards",
+    "check_vocab",
+    "data_main",
+    "document_hash",
+    "iter_documents",
+    "iter_file_documents",
+    "iterate_batches",
+    "load_tokenizer",
+    "open_shards",
+    "padded_vocab_size",
+    "read_manifest",
+    "resolve_paths",
+    "token_dtype",
+    "tokenizer_fingerprint",
+    "tokenizer_main",
+    "train_tokenizer",
+]
