@@ -201,12 +201,23 @@ class DeepSeekV3(nn.Module):
         return torch.stack(losses).mean(), all_logits, balance
 
     def mtp_draft_logits(self, module_index: int, prev_hidden: torch.Tensor, next_ids: torch.Tensor,
-                         position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One MTP module on its own (speculative drafting): returns (logits, block output)."""
+                         position_ids: torch.Tensor | None = None, cache: StaticLatentCache | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One MTP module on its own (speculative drafting): returns (logits, block output).
+
+        With ``cache`` the block attends over its own cache layer (index ``num_hidden_layers +
+        module_index``) and ``position_ids`` default to ``cache.positions(T)``. The cache is NOT
+        advanced here: drafting runs at the positions of the main forward that just ran, and that
+        forward's ``advance`` commits them (see :mod:`nanoseek.infer.cache`).
+        """
         module = self.mtp[module_index]
+        if position_ids is None:
+            if cache is None:
+                raise ValueError("mtp_draft_logits needs position_ids or a cache")
+            position_ids = cache.positions(next_ids.shape[1])
         cos, sin = self.model.rotary_emb(position_ids)
         x = module.combine(prev_hidden, self.model.embed_tokens(next_ids))
-        x, _ = module.block(x, cos, sin, None, 0.0)
+        x, _ = module.block(x, cos, sin, cache, 0.0)
         return self.lm_head(module.norm(x)), x
 
     def set_activation_checkpointing(self, enabled: bool = True) -> None:

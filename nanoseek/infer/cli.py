@@ -1,0 +1,94 @@
+"""``nanoseek generate``: load a checkpoint and its tokenizer, stream a completion to stdout.
+
+Wiring (in ``nanoseek/cli.py``)::
+
+    from .infer.cli import add_generate_arguments, generate_main
+    p = sub.add_parser("generate", help="generate text from a checkpoint")
+    add_generate_arguments(p)
+    p.set_defaults(handler=generate_main)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def add_generate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt", required=True, help="checkpoint directory (config.json, *.safetensors, tokenizer.json)")
+    p.add_argument("--prompt", required=True, help="the prompt text (the user message with --chat)")
+    p.add_argument("--max-tokens", type=int, default=256, help="tokens to generate at most (default 256)")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 means greedy (default 1.0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1.0: off)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (default 0: off)")
+    p.add_argument("--seed", type=int, default=None, help="seed for a reproducible sample")
+    p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument("--speculative", action="store_true",
+                   help="MTP speculative decoding (the checkpoint needs MTP weights)")
+    p.add_argument("--device", default="auto", help="auto, cuda, xpu, npu, mps or cpu (default auto)")
+    p.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto",
+                   help="weights and cache dtype (default: the checkpoint's)")
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="cache length (default: prompt + max tokens)")
+    p.add_argument("--stats", action="store_true", help="print engine statistics to stderr at the end")
+
+
+def _pick_device(name: str | None):
+    try:
+        from ..device import pick_device
+    except ImportError:  # the device module is being written: fall back to the CPU
+        import torch
+
+        return torch.device("cpu")
+    return pick_device(name)
+
+
+def generate_main(args: argparse.Namespace) -> int:
+    import torch
+
+    import nanoseek
+    from ..data.tokenizer import load_tokenizer
+    from .engine import Engine
+    from .sampling import GenerationError, SamplingParams
+
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            max_tokens=args.max_tokens, seed=args.seed, stop=list(getattr(args, "stop", []) or []),
+                            logprobs=False)
+    device = _pick_device(getattr(args, "device", None))
+    dtype_name = getattr(args, "dtype", "auto") or "auto"
+    dtype = None if dtype_name == "auto" else getattr(torch, dtype_name)
+    model = nanoseek.load(args.ckpt, device=device, dtype=dtype)
+    tokenizer = load_tokenizer(args.ckpt)
+    if args.chat:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
+    else:
+        text = args.prompt
+    prompt_ids = tokenizer.encode(text)
+    max_seq_len = getattr(args, "max_seq_len", None) or len(prompt_ids) + params.max_tokens
+    if args.speculative and len(model.mtp) == 0:
+        raise GenerationError(f"--speculative needs MTP weights; {args.ckpt} has none")
+    engine = Engine(model, tokenizer, max_slots=1, max_seq_len=max_seq_len,
+                    speculative="mtp" if args.speculative else None)
+    engine.add_request(prompt_ids, params)
+    start = time.perf_counter()
+    reason = None
+    while engine.has_unfinished():
+        for event in engine.step():
+            if event.text:
+                sys.stdout.write(event.text)
+                sys.stdout.flush()
+            if event.finished:
+                reason = event.finish_reason
+    seconds = time.perf_counter() - start
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if getattr(args, "stats", False):
+        s = engine.stats
+        line = (f"[{s.tokens_generated} tokens in {seconds:.2f}s = {s.tokens_generated / max(seconds, 1e-9):.1f} "
+                f"tokens/s, finish_reason={reason}, device={device}, cache {s.cache_bytes_per_token} bytes/token")
+        if s.acceptance_rate is not None:
+            line += f", MTP acceptance {s.acceptance_rate:.1%}, {s.tokens_per_forward:.2f} tokens/forward"
+        print(line + "]", file=sys.stderr)
+    return 0

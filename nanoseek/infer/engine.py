@@ -1,0 +1,496 @@
+"""The generation engine: continuous batching over a slot latent cache, with MTP speculation.
+
+One engine serves every caller: GRPO rollouts and evaluation (:meth:`Engine.generate`), the server
+and the chat (:meth:`Engine.add_request` + :meth:`Engine.step`, streaming :class:`TokenEvent`).
+
+A step
+    1. admits waiting requests into free cache slots and prefills their prompts (padded together,
+       in chunks of at most ``prefill_chunk`` tokens per forward; each prompt's first token is
+       sampled from its last prompt position);
+    2. runs ONE batched decode forward over all running requests, each row at its own position
+       (T = 1; T = 2 with speculation), the ones admitted in this step included. Requests join and
+       leave between steps; a finished or aborted request frees its slot at once.
+
+Seeds
+    A seeded request reproduces its tokens whatever shares the batch. Requests that share a seed
+    draw the same uniform numbers: give each sample of a GRPO group its own seed (or none).
+
+Outputs
+    ``token_ids`` hold every sampled token, including the one that ended the request (an EOS /
+    stop token id, or the token that completed a stop string); ``logprobs`` are one per token, as
+    defined in :mod:`nanoseek.infer.sampling` (the GRPO trainer recomputes them exactly). ``text``
+    is the decoded output without the stop token's text and cut before a stop string. Streaming
+    holds back text that could be the start of a stop string and incomplete UTF-8 sequences.
+    Generated ids are decoded without the prompt as context (exact for byte-level BPE tokenizers
+    such as nanoseek's and DeepSeek's).
+
+Speculative decoding with the MTP module (``speculative="mtp"``, V3 report §5.4.3)
+    Each running request carries its newest token ``p`` (not yet in the cache) and a draft ``d``
+    for the token after it. The main model runs ``[p, d]`` (T = 2) at positions L, L+1; the first
+    output decides the next token, which accepts or rejects the draft; on acceptance the second
+    output gives one more token for free. The MTP module (depth 1 only) then runs on the same
+    positions with its own cache layer (index ``num_hidden_layers``): input
+    ``[h_L, h_L+1]`` (the main model's final normalised hidden states) and the embeddings of the
+    tokens that follow them; its output at the last accepted position is the next draft. A
+    rejected row is truncated back to L+1 in every layer. Greedy rows accept iff the draft equals
+    the argmax, so greedy output is identical to plain greedy decoding; sampled rows use
+    speculative rejection sampling (:func:`~nanoseek.infer.sampling.verify_draft`), which keeps the
+    output distribution exact but draws different random numbers than plain decoding, so a seed
+    gives a different (equally valid) sample with and without speculation.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import torch
+
+from .cache import SlotLatentCache
+from .sampling import GenerationError, SamplingParams, sample_tokens, verify_draft
+
+
+@dataclass
+class Completion:
+    """A finished request."""
+
+    request_id: str
+    prompt_ids: list[int]
+    token_ids: list[int]
+    logprobs: list[float] | None
+    text: str
+    finish_reason: str | None  # "stop" | "length"
+
+
+@dataclass
+class TokenEvent:
+    """One generated token of one request, as :meth:`Engine.step` reports it.
+
+    ``text`` is the newly releasable text (may be empty while text is held back). The last event
+    of a request has ``finished`` True, its ``finish_reason`` and the whole :class:`Completion`.
+    """
+
+    request_id: str
+    token_id: int
+    logprob: float | None
+    text: str
+    finished: bool
+    finish_reason: str | None
+    completion: Completion | None = None
+
+
+@dataclass
+class EngineStats:
+    """Counters since the engine was made (or :meth:`Engine.reset_stats`)."""
+
+    requests_finished: int = 0
+    tokens_generated: int = 0  # tokens handed out in events
+    steps: int = 0
+    prefill_forwards: int = 0
+    prefill_tokens: int = 0  # prompt tokens prefilled (padding not counted)
+    decode_forwards: int = 0
+    decode_rows: int = 0  # sum over decode forwards of the rows in the batch
+    decode_tokens: int = 0  # tokens the decode forwards produced (1 + accepted draft per row)
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    cache_bytes_per_token: int = 0
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """Fraction of MTP drafts the main model accepted (None without speculation)."""
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else None
+
+    @property
+    def tokens_per_forward(self) -> float | None:
+        """Tokens one request gets per main-model decode forward (1 + acceptance rate with MTP)."""
+        return self.decode_tokens / self.decode_rows if self.decode_rows else None
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["acceptance_rate"] = self.acceptance_rate
+        d["tokens_per_forward"] = self.tokens_per_forward
+        return d
+
+
+class _Request:
+    def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams):
+        self.id = request_id
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.generator = params.make_generator()
+        self.max_stop = max((len(s) for s in params.stop), default=0)
+        self.slot: int | None = None
+        self.output_ids: list[int] = []
+        self.logprobs: list[float] = []
+        self.pending: int | None = None  # newest token, not yet in the cache
+        self.draft: int | None = None  # MTP draft for the token after ``pending``
+        self.draft_probs: torch.Tensor | None = None
+        self.text_ids: list[int] = []  # output ids that count as text (stop tokens excluded)
+        self.prefix_offset = 0
+        self.read_offset = 0
+        self.text = ""
+        self.emitted = 0  # characters of ``text`` already handed out
+        self.finish_reason: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class Engine:
+    """Continuous-batching generation over a :class:`SlotLatentCache`.
+
+    ``model`` is a :class:`~nanoseek.model.DeepSeekV3`; ``device`` / ``dtype`` default to the
+    model's (given ones move / cast the model in place, router biases stay float32).
+    ``max_seq_len`` (prompt + generated tokens; default ``config.max_position_embeddings``) sizes the
+    cache: ``max_slots × max_seq_len × bytes_per_token``. ``eos_token_ids`` default to the
+    tokenizer's EOS and the config's ``eos_token_id``. ``speculative="mtp"`` drafts with MTP module 0.
+    """
+
+    def __init__(self, model, tokenizer=None, max_slots: int = 16, max_seq_len: int | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                 speculative: str | None = None, eos_token_ids: Sequence[int] | None = None,
+                 prefill_chunk: int = 512):
+        cfg = model.config
+        param = next(model.parameters())
+        self.device = torch.device(device) if device is not None else param.device
+        self.dtype = dtype if dtype is not None else param.dtype
+        if param.device != self.device:
+            model.to(self.device)
+        if param.dtype != self.dtype:
+            model.to(self.dtype)
+            for module in model.modules():  # keep the routers' bias in float32, as the loader does
+                bias = getattr(module, "e_score_correction_bias", None)
+                if isinstance(bias, torch.Tensor):
+                    bias.data = bias.data.float()
+        if speculative not in (None, "mtp"):
+            raise GenerationError(f"speculative={speculative!r}: the only method is 'mtp'")
+        if speculative == "mtp" and len(getattr(model, "mtp", ())) == 0:
+            raise GenerationError("speculative='mtp' needs a model with MTP modules "
+                                  "(num_nextn_predict_layers > 0 and MTP weights in the checkpoint)")
+        if max_slots <= 0:
+            raise GenerationError(f"max_slots must be positive, got {max_slots}")
+        if prefill_chunk <= 0:
+            raise GenerationError(f"prefill_chunk must be positive, got {prefill_chunk}")
+        self.model = model
+        self.config = cfg
+        self.tokenizer = tokenizer
+        self.speculative = speculative
+        self.max_seq_len = int(max_seq_len or cfg.max_position_embeddings)
+        self.prefill_chunk = prefill_chunk
+        n_layers = cfg.num_hidden_layers + (1 if speculative else 0)
+        self.cache = SlotLatentCache(cfg, max_slots, self.max_seq_len, self.device, self.dtype, n_layers)
+        if eos_token_ids is None:
+            eos: set[int] = set()
+            if tokenizer is not None and getattr(tokenizer, "eos_id", None) is not None:
+                eos.add(int(tokenizer.eos_id))
+            cfg_eos = cfg.eos_token_id
+            if cfg_eos is not None:
+                eos.update([cfg_eos] if isinstance(cfg_eos, int) else cfg_eos)
+            eos_token_ids = sorted(eos)
+        self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
+        # A model vocabulary padded past the tokenizer's (to a multiple of 64, say) has ids no text
+        # maps to; they are never sampled.
+        tok_vocab = getattr(tokenizer, "vocab_size", None)
+        self._n_usable = tok_vocab if tok_vocab is not None and tok_vocab < cfg.vocab_size else None
+        self.stats = EngineStats(cache_bytes_per_token=self.cache.bytes_per_token())
+        self._waiting: deque[_Request] = deque()
+        self._running: dict[str, _Request] = {}
+        self._ids = itertools.count()
+
+    # ------------------------------------------------------------------ requests
+    def add_request(self, prompt: Sequence[int] | str, params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        """Queue a request (token ids, or text when the engine has a tokenizer); returns its id."""
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+        params.validate()
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise GenerationError("a text prompt needs an engine with a tokenizer (or pass token ids)")
+            prompt = self.tokenizer.encode(prompt)
+        if isinstance(prompt, torch.Tensor):
+            prompt = prompt.reshape(-1).tolist()
+        prompt_ids = [int(t) for t in prompt]
+        if not prompt_ids:
+            raise GenerationError("empty prompt: give at least one token")
+        vocab = self.config.vocab_size
+        bad = [t for t in prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise GenerationError(f"prompt token id {bad[0]} is outside the model vocabulary [0, {vocab})")
+        total = len(prompt_ids) + params.max_tokens
+        if total > self.max_seq_len:
+            raise GenerationError(f"prompt of {len(prompt_ids)} tokens + max_tokens {params.max_tokens} = "
+                                  f"{total} tokens exceeds max_seq_len {self.max_seq_len}")
+        if params.stop and self.tokenizer is None:
+            raise GenerationError("stop strings need an engine with a tokenizer (use stop_token_ids)")
+        rid = str(request_id) if request_id is not None else f"req-{next(self._ids)}"
+        if rid in self._running or any(r.id == rid for r in self._waiting):
+            raise GenerationError(f"request id {rid!r} is already in use")
+        self._waiting.append(_Request(rid, prompt_ids, params))
+        return rid
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request now (waiting or running); its slot is free for the next step."""
+        for r in self._waiting:
+            if r.id == request_id:
+                self._waiting.remove(r)
+                r.finish_reason = "abort"
+                return True
+        r = self._running.pop(request_id, None)
+        if r is None:
+            return False
+        r.finish_reason = "abort"
+        self.cache.free(r.slot)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self._waiting or self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    def reset_stats(self) -> None:
+        self.stats = EngineStats(cache_bytes_per_token=self.cache.bytes_per_token())
+
+    # ------------------------------------------------------------------ stepping
+    @torch.no_grad()
+    def step(self) -> list[TokenEvent]:
+        """Admit waiting requests, then one batched decode forward; returns this step's tokens."""
+        events: list[TokenEvent] = []
+        admitted = []
+        while self._waiting and self.cache.n_free > 0:
+            r = self._waiting.popleft()
+            r.slot = self.cache.allocate()
+            self._running[r.id] = r
+            admitted.append(r)
+        if admitted:
+            events += self._prefill(admitted)
+        active = sorted(self._running.values(), key=lambda r: r.slot)
+        if active:
+            events += self._decode_speculative(active) if self.speculative else self._decode(active)
+        if admitted or active:
+            self.stats.steps += 1
+        return events
+
+    def generate(self, prompts: Sequence[Sequence[int] | str],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Completion]:
+        """Run ``prompts`` to completion (the engine must be idle); completions in prompt order."""
+        if self.has_unfinished():
+            raise RuntimeError("generate() needs an idle engine: other requests are in flight "
+                               "(drive them with step() or abort them first)")
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
+        params = list(params)
+        if len(params) != len(prompts):
+            raise GenerationError(f"got {len(params)} sampling params for {len(prompts)} prompts")
+        ids = []
+        try:
+            for prompt, p in zip(prompts, params):
+                ids.append(self.add_request(prompt, p))
+        except Exception:
+            for rid in ids:
+                self.abort(rid)
+            raise
+        done: dict[str, Completion] = {}
+        while len(done) < len(ids):
+            for event in self.step():
+                if event.finished:
+                    done[event.request_id] = event.completion
+        return [done[rid] for rid in ids]
+
+    # ------------------------------------------------------------------ forwards
+    def _usable(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits with the ids past the tokenizer's vocabulary (model padding) masked out."""
+        if self._n_usable is None:
+            return logits
+        return logits.index_fill(-1, torch.arange(self._n_usable, logits.shape[-1], device=logits.device),
+                                 float("-inf"))
+
+    def _prefill(self, reqs: list[_Request]) -> list[TokenEvent]:
+        """Prefill new prompts together (right-padded, chunked); sample each first token (and draft)."""
+        spec = self.speculative is not None
+        first: dict[str, tuple[int, float]] = {}
+        start = 0
+        while True:
+            live = [r for r in reqs if len(r.prompt_ids) > start]
+            if not live:
+                break
+            per_row = max(1, self.prefill_chunk // len(live))
+            end = min(start + per_row, max(len(r.prompt_ids) for r in live))
+            width = end - start
+            ids = torch.zeros(len(live), width, dtype=torch.long)
+            for j, r in enumerate(live):
+                seg = r.prompt_ids[start:end]
+                ids[j, : len(seg)] = torch.tensor(seg)
+            view = self.cache.view([r.slot for r in live])
+            out = self.model(ids.to(self.device), cache=view, return_hidden=spec)
+            self.stats.prefill_forwards += 1
+            self.stats.prefill_tokens += sum(min(end, len(r.prompt_ids)) - start for r in live)
+            done = [j for j, r in enumerate(live) if len(r.prompt_ids) <= end]
+            last = [len(live[j].prompt_ids) - 1 - start for j in done]
+            if done:
+                toks, lps = sample_tokens(self._usable(out.logits[done, last]), [live[j].params for j in done],
+                                          [live[j].generator for j in done])
+                for j, t, lp in zip(done, toks.tolist(), lps.tolist()):
+                    first[live[j].id] = (t, lp)
+            if spec:
+                # MTP position i combines h_i with the embedding of token i+1 (the first sampled
+                # token at the last prompt position; padding beyond).
+                nxt = torch.zeros(len(live), width, dtype=torch.long)
+                for j, r in enumerate(live):
+                    seg = r.prompt_ids[start + 1:end + 1]
+                    nxt[j, : len(seg)] = torch.tensor(seg, dtype=torch.long)
+                    if r.id in first and start < len(r.prompt_ids) <= end:
+                        nxt[j, len(r.prompt_ids) - 1 - start] = first[r.id][0]
+                draft_logits, _ = self.model.mtp_draft_logits(0, out.hidden_states, nxt.to(self.device), cache=view)
+                if done:
+                    drafts, _, probs = sample_tokens(self._usable(draft_logits[done, last]), [live[j].params for j in done],
+                                                     [live[j].generator for j in done], return_probs=True)
+                    for j, d, q in zip(done, drafts.tolist(), probs):
+                        live[j].draft, live[j].draft_probs = d, q
+            start = end
+        events = []
+        for r in reqs:
+            self.cache.truncate(r.slot, len(r.prompt_ids))  # drop the padding's entries
+            token, logprob = first[r.id]
+            r.pending = token
+            events.append(self._emit(r, token, logprob))
+        return events
+
+    def _decode(self, active: list[_Request]) -> list[TokenEvent]:
+        ids = torch.tensor([[r.pending] for r in active], dtype=torch.long, device=self.device)
+        out = self.model(ids, cache=self.cache.view([r.slot for r in active]))
+        toks, lps = sample_tokens(self._usable(out.logits[:, -1]), [r.params for r in active], [r.generator for r in active])
+        self._count_decode(len(active), len(active))
+        events = []
+        for r, t, lp in zip(active, toks.tolist(), lps.tolist()):
+            r.pending = t
+            events.append(self._emit(r, t, lp))
+        return events
+
+    def _decode_speculative(self, active: list[_Request]) -> list[TokenEvent]:
+        b = len(active)
+        params, gens = [r.params for r in active], [r.generator for r in active]
+        ids = torch.tensor([[r.pending, r.draft] for r in active], dtype=torch.long, device=self.device)
+        view = self.cache.view([r.slot for r in active])
+        out = self.model(ids, cache=view, return_hidden=True)  # writes positions L, L+1; advances
+        drafts = ids[:, 1]
+        tokens, lps, accepted = verify_draft(self._usable(out.logits), drafts, [r.draft_probs for r in active], params, gens)
+        # The MTP block at positions L, L+1: [h_L ; emb(t_L+1)] and [h_L+1 ; emb(t_L+2)]; a rejected
+        # row's second entry is junk, truncated below, and its draft comes from position L.
+        follow = torch.stack([tokens[:, 0], torch.where(accepted, tokens[:, 1], tokens[:, 0])], dim=1)
+        draft_logits, _ = self.model.mtp_draft_logits(0, out.hidden_states, follow, cache=view)
+        draft_logits = draft_logits[torch.arange(b, device=self.device), accepted.long()]
+        new_drafts, _, new_probs = sample_tokens(self._usable(draft_logits), params, gens, return_probs=True)
+        accepted_list = accepted.tolist()
+        n_acc = sum(accepted_list)
+        self._count_decode(b, b + n_acc)
+        self.stats.draft_tokens += b
+        self.stats.accepted_tokens += n_acc
+        events = []
+        for i, (r, toks, lp, acc, d, q) in enumerate(zip(active, tokens.tolist(), lps.tolist(), accepted_list,
+                                                         new_drafts.tolist(), new_probs)):
+            if not acc:
+                self.cache.truncate(r.slot, view.start[i] + 1)
+            r.draft, r.draft_probs = d, q
+            r.pending = toks[0]
+            events.append(self._emit(r, toks[0], lp[0]))
+            if acc and not r.finished:
+                r.pending = toks[1]
+                events.append(self._emit(r, toks[1], lp[1]))
+        return events
+
+    def _count_decode(self, rows: int, tokens: int) -> None:
+        self.stats.decode_forwards += 1
+        self.stats.decode_rows += rows
+        self.stats.decode_tokens += tokens
+
+    # ------------------------------------------------------------------ outputs
+    def _emit(self, r: _Request, token: int, logprob: float) -> TokenEvent:
+        """Record one token: stop / length checks, text delta, and completion when finished."""
+        p = r.params
+        r.output_ids.append(token)
+        r.logprobs.append(logprob)
+        self.stats.tokens_generated += 1
+        reason, text = None, ""
+        stop_token = (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids
+        if stop_token:
+            reason = "stop"
+        elif self.tokenizer is not None:
+            r.text_ids.append(token)
+            text, hit = self._advance_text(r, final=False)
+            if hit:
+                reason = "stop"
+        if reason is None and len(r.output_ids) >= p.max_tokens:
+            reason = "length"
+        completion = None
+        if reason is not None:
+            if self.tokenizer is not None:  # release held-back text and incomplete bytes
+                more, _ = self._advance_text(r, final=True)
+                text += more
+            completion = self._finish(r, reason)
+        return TokenEvent(r.id, token, logprob if p.logprobs else None, text, reason is not None, reason,
+                          completion)
+
+    def _finish(self, r: _Request, reason: str) -> Completion:
+        r.finish_reason = reason
+        self._running.pop(r.id, None)
+        self.cache.free(r.slot)
+        self.stats.requests_finished += 1
+        return Completion(r.id, r.prompt_ids, list(r.output_ids), list(r.logprobs) if r.params.logprobs else None,
+                          r.text, reason)
+
+    def _detokenize(self, r: _Request, final: bool) -> str:
+        """New complete text of ``r.text_ids`` (incremental; waits on incomplete UTF-8 unless final)."""
+        ids = r.text_ids
+        if r.read_offset >= len(ids):
+            return ""
+        decode = self.tokenizer.decode
+        before = decode(ids[r.prefix_offset:r.read_offset]) if r.read_offset > r.prefix_offset else ""
+        now = decode(ids[r.prefix_offset:])
+        if now.endswith("\ufffd") and not final:
+            return ""
+        r.prefix_offset, r.read_offset = r.read_offset, len(ids)
+        return now[len(before):]
+
+    def _advance_text(self, r: _Request, final: bool) -> tuple[str, bool]:
+        """Append decoded text, look for stop strings; returns (releasable text, stop string found)."""
+        new = self._detokenize(r, final)
+        old_len = len(r.text)
+        r.text += new
+        stops = r.params.stop
+        hold = 0
+        if stops:
+            search_from = max(0, old_len - r.max_stop + 1)
+            hits = [i for i in (r.text.find(s, search_from) for s in stops) if i >= 0]
+            if hits:
+                r.text = r.text[: min(hits)]
+                out = r.text[r.emitted:]
+                r.emitted = len(r.text)
+                return out, True
+            if not final:
+                hold = _partial_stop_suffix(r.text, stops)
+        safe = max(r.emitted, len(r.text) - hold)
+        out = r.text[r.emitted:safe]
+        r.emitted = safe
+        return out, False
+
+
+def _partial_stop_suffix(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of some stop string."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best

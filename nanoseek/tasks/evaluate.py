@@ -1,0 +1,137 @@
+"""Evaluation on held-out problems: accuracy, pass@k, maj@k, mean length, format rate.
+
+Held-out means a seed range training never touches: training draws problem seeds below
+:data:`EVAL_SEED_BASE`, evaluation draws them from ``EVAL_SEED_BASE + seed``. pass@k uses the
+unbiased estimator of Chen et al. (arXiv 2107.03374, eq. 1); maj@k (self-consistency, Wang et al.,
+arXiv 2203.11171) is right when the most frequent parsed answer among the samples verifies.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+from .base import Problem, Task, Verdict, format_ok, format_prompt, parse_answer
+from .registry import get_task
+
+#: Problem seeds at or above this are reserved for evaluation; training must stay below it.
+EVAL_SEED_BASE = 1_000_000_000
+
+
+def eval_problems(task: Task | str, n: int, difficulty: int = 1, seed: int = 0) -> list[Problem]:
+    """The held-out problems for ``seed`` (seed range disjoint from training's)."""
+    task = get_task(task) if isinstance(task, str) else task
+    return task.generate(EVAL_SEED_BASE + seed, n, difficulty)
+
+
+def chat_prompt(tokenizer, problem: Problem | str) -> str:
+    """The R1-Zero instruction as a user turn in the checkpoint's chat template, ready to generate."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": format_prompt(problem)}],
+                                         add_generation_prompt=True)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from ``n`` samples of which ``c`` are correct: 1 − C(n−c, k) / C(n, k)."""
+    if not 0 < k <= n:
+        raise ValueError(f"pass@k needs 0 < k <= n, got k={k}, n={n}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def majority_answer(completions: Sequence[str]) -> str | None:
+    """The most frequent parsed answer (whitespace-insensitive; earliest wins ties), or None."""
+    answers = [a for a in (parse_answer(c) for c in completions) if a is not None]
+    if not answers:
+        return None
+    keyed = [" ".join(a.split()) for a in answers]
+    counts = Counter(keyed)
+    best = max(counts.values())
+    return next(a for a in keyed if counts[a] == best)
+
+
+@dataclass
+class ProblemResult:
+    prompt: str
+    answer: str
+    completions: list[str]
+    verdicts: list[str]
+    lengths: list[int]
+
+
+@dataclass
+class EvalResult:
+    task: str
+    n_problems: int
+    samples_per_problem: int
+    k: int
+    accuracy: float  # mean per-sample correctness (greedy: the one sample)
+    pass_at_k: float
+    maj_at_k: float
+    mean_length: float  # generated tokens per sample
+    format_rate: float
+    difficulty: int
+    seed: int
+    problems: list[ProblemResult] = field(default_factory=list, repr=False)
+
+    def to_dict(self, with_problems: bool = False) -> dict[str, Any]:
+        out = asdict(self)
+        if not with_problems:
+            out.pop("problems")
+        return out
+
+
+def score(task: Task, problems: Sequence[Problem], completions: Sequence[Sequence[str]],
+          lengths: Sequence[Sequence[int]], k: int, difficulty: int = 1, seed: int = 0) -> EvalResult:
+    """Metrics from ``completions[i]`` (the samples for problem i) — no model involved."""
+    n_samples = len(completions[0]) if completions else 0
+    if any(len(c) != n_samples for c in completions):
+        raise ValueError("every problem needs the same number of samples")
+    results, correct_total, passes, majors, formats = [], 0, 0.0, 0, 0
+    for problem, samples, lens in zip(problems, completions, lengths):
+        verdicts = [task.grade(c, problem.fields) for c in samples]
+        c = sum(v is Verdict.CORRECT for v in verdicts)
+        correct_total += c
+        passes += pass_at_k(n_samples, c, k)
+        majority = majority_answer(samples)
+        majors += majority is not None and task.verify(majority, problem.fields)
+        formats += sum(format_ok(s) for s in samples)
+        results.append(ProblemResult(problem.prompt, problem.answer, list(samples),
+                                     [v.value for v in verdicts], list(lens)))
+    n = len(problems)
+    total = max(n * n_samples, 1)
+    all_lengths = [x for lens in lengths for x in lens]
+    return EvalResult(
+        task=task.name, n_problems=n, samples_per_problem=n_samples, k=k,
+        accuracy=correct_total / total, pass_at_k=passes / max(n, 1), maj_at_k=majors / max(n, 1),
+        mean_length=sum(all_lengths) / max(len(all_lengths), 1), format_rate=formats / total,
+        difficulty=difficulty, seed=seed, problems=results)
+
+
+def evaluate(engine, tokenizer, task: Task | str, n_problems: int = 200, difficulty: int = 1,
+             samples: int = 1, k: int = 1, temperature: float = 0.0, max_tokens: int = 256,
+             seed: int = 0) -> EvalResult:
+    """Generate ``samples`` completions per held-out problem with the shared engine and score them.
+
+    With ``samples == 1`` and temperature 0 this is greedy accuracy; for pass@k / maj@k use
+    ``samples >= k`` and a temperature > 0.
+    """
+    from ..infer.sampling import SamplingParams  # the engine's own parameter type
+
+    task = get_task(task) if isinstance(task, str) else task
+    if samples < k:
+        raise ValueError(f"samples ({samples}) must be >= k ({k})")
+    problems = eval_problems(task, n_problems, difficulty, seed)
+    prompts, params = [], []
+    for i, problem in enumerate(problems):
+        text = chat_prompt(tokenizer, problem)
+        for j in range(samples):
+            prompts.append(text)
+            params.append(SamplingParams(temperature=temperature, max_tokens=max_tokens,
+                                         seed=None if temperature == 0 else seed * 1_000_003 + i * samples + j))
+    outs = engine.generate(prompts, params)
+    texts = [[outs[i * samples + j].text for j in range(samples)] for i in range(len(problems))]
+    lens = [[len(outs[i * samples + j].token_ids) for j in range(samples)] for i in range(len(problems))]
+    return score(task, problems, texts, lens, k, difficulty, seed)
