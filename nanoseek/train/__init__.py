@@ -1,0 +1,1 @@
+"""Training: pre-training loop, checkpoints, the training guard and the cost meter."""
