@@ -1,0 +1,1 @@
+"""Reinforcement learning for reasoning (DeepSeek-R1 recipe): the GRPO objective and its variants."""
