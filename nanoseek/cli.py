@@ -11,22 +11,22 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from .errors import NanoseekError
 
 # Commands whose implementation has not landed yet, with the issue that tracks each.
 COMING_SOON = {
-    "pretrain": 4, "report": 4,
-    "sft": 5, "grpo": 5, "distill": 5, "eval": 5, "speedrun": 5,
-    "generate": 6, "serve": 6, "chat": 6,
+    "sft": 5, "grpo": 5, "distill": 5, "speedrun": 5,
+    "serve": 6, "chat": 6,
 }
 STAGES = (  # what the speedrun will run, in order, and where each stands
     ("tokenizer", "nanoseek tokenizer train", None),
-    ("pretrain", "nanoseek pretrain", 4),
+    ("pretrain", "nanoseek pretrain", None),
     ("sft (cold start)", "nanoseek sft", 5),
     ("grpo (reasoning RL)", "nanoseek grpo", 5),
     ("distill", "nanoseek distill", 5),
-    ("eval", "nanoseek eval", 5),
+    ("eval", "nanoseek eval", None),
     ("serve / chat", "nanoseek serve", 6),
     ("report card", "nanoseek report", 4),
 )
@@ -135,6 +135,83 @@ def cmd_speedrun(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    print(write_report(args.run_dir))
+    return 0
+
+
+GUARD_FLAGS = {"on_nan": "on_nonfinite", "on_spike": "on_spike", "on_grad_explosion": "on_grad_explosion",
+               "on_collapse": "on_collapse"}
+PRETRAIN_FIELDS = ("preset", "config", "init_from", "data", "tokenizer", "vocab_size", "text_field", "max_steps",
+                   "batch_size", "grad_accum", "seq_len", "lr", "min_lr", "warmup_steps", "checkpoint_every",
+                   "keep_last", "eval_every", "eval_batches", "log_every", "seed", "device", "compile",
+                   "activation_checkpointing", "tensorboard", "peak_tflops", "poison_step")
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from .train.pretrain import pretrain
+
+    overrides = {name: getattr(args, name) for name in PRETRAIN_FIELDS if getattr(args, name) is not None}
+    if args.price_per_hour is not None:
+        overrides["price_per_device_hour"] = args.price_per_hour
+    guard = {field: getattr(args, flag) for flag, field in GUARD_FLAGS.items() if getattr(args, flag) is not None}
+    if guard:
+        overrides["guard"] = guard
+    pretrain(args.out, overrides, resume=args.resume)
+    return 0
+
+
+def _add_pretrain_parser(sub) -> None:
+    p = sub.add_parser("pretrain", help="pre-train a model from scratch (tokenizer, shards, guarded training loop)",
+                       description="Pre-train a DeepSeek-V3-architecture model on text files. Unset options "
+                                   "take the TrainConfig defaults (or, with --resume, the run's own values).")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--preset", help="model preset: tiny, small (default), bench or v3")
+    source.add_argument("--config", help="a model config.json (its vocab_size must cover the tokenizer)")
+    source.add_argument("--init-from", help="a checkpoint directory to continue pretraining from")
+    p.add_argument("--data", nargs="+", help="txt/jsonl/parquet files, directories or globs, or a shard "
+                                             "directory (with manifest.json) to reuse")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: train one on --data)")
+    p.add_argument("--vocab-size", type=int, help="size of the tokenizer to train (default: the model's)")
+    p.add_argument("--text-field", help="jsonl field / parquet column holding the text (default: text)")
+    p.add_argument("--out", required=True, help="run directory (checkpoints, metrics, report)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    g = p.add_argument_group("training")
+    g.add_argument("--max-steps", type=int)
+    g.add_argument("--batch-size", type=int, help="sequences per micro-batch")
+    g.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
+    g.add_argument("--seq-len", type=int)
+    g.add_argument("--lr", type=float, help="peak learning rate (default 3e-4)")
+    g.add_argument("--min-lr", type=float, help="final learning rate of the cosine decay (default lr/10)")
+    g.add_argument("--warmup-steps", type=int)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--device", help="auto, cuda, xpu, npu, mps or cpu")
+    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    g.add_argument("--activation-checkpointing", action="store_true", default=None,
+                   help="recompute block activations in backward to save memory")
+    g = p.add_argument_group("bookkeeping")
+    g.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
+    g.add_argument("--keep-last", type=int, help="checkpoints to keep (default 3)")
+    g.add_argument("--eval-every", type=int, help="steps between validation losses")
+    g.add_argument("--eval-batches", type=int, help="validation batches per evaluation")
+    g.add_argument("--log-every", type=int, help="steps between metrics records")
+    g.add_argument("--tensorboard", action="store_true", default=None, help="also log to RUN_DIR/tensorboard")
+    g.add_argument("--price-per-hour", type=float, help="$ per device-hour for cost.json (default 2.0)")
+    g.add_argument("--peak-tflops", type=float,
+                   help="bf16 peak TFLOP/s per device for MFU (default: 790 on H100/H200, else no MFU)")
+    g = p.add_argument_group("training guard")
+    policies = ("warn", "skip", "rollback", "lr_down")
+    g.add_argument("--on-nan", choices=policies, help="response to a NaN/inf loss or grad norm (default rollback)")
+    g.add_argument("--on-spike", choices=policies, help="response to a loss spike (default skip)")
+    g.add_argument("--on-grad-explosion", choices=policies, help="response to a grad-norm explosion (default skip)")
+    g.add_argument("--on-collapse", choices=policies, help="response to dead experts / imbalance (default warn)")
+    g.add_argument("--poison-step", type=int, metavar="N",
+                   help="guard drill: multiply step N's loss by NaN once, to exercise the guard's response")
+    p.set_defaults(handler=cmd_pretrain)
+
+
 def _stub(name: str) -> Callable[[argparse.Namespace], int]:
     def handler(args: argparse.Namespace) -> int:
         print(_coming_soon(name), file=sys.stderr)
@@ -185,7 +262,21 @@ def build_parser() -> argparse.ArgumentParser:
         "eval": "evaluate on verifiable tasks", "generate": "generate text from a checkpoint",
         "serve": "HTTP server", "chat": "interactive chat", "report": "cost and quality report card",
     }
-    for name in ("pretrain", "sft", "grpo", "distill", "eval", "generate", "serve", "chat", "report"):
+    p = sub.add_parser("report", help="cost and quality report card (report.md + plots) of a run directory")
+    p.add_argument("run_dir", type=Path, help="the run directory (holds metrics.jsonl)")
+    p.set_defaults(handler=cmd_report)
+
+    _add_pretrain_parser(sub)
+    from .infer.cli import add_generate_arguments, generate_main
+    from .tasks.evaluate import add_eval_arguments, eval_main
+
+    p = sub.add_parser("generate", help="generate text from a checkpoint (streams to stdout)")
+    add_generate_arguments(p)
+    p.set_defaults(handler=generate_main)
+    p = sub.add_parser("eval", help="held-out accuracy, pass@k, maj@k, length and format rate on a task")
+    add_eval_arguments(p)
+    p.set_defaults(handler=eval_main)
+    for name in ("sft", "grpo", "distill", "serve", "chat"):
         p = sub.add_parser(name, help=f"{helps[name]} (coming soon, issue {COMING_SOON[name]})")
         p.set_defaults(handler=_stub(name), accepts_any=True)
     return parser

@@ -35,32 +35,28 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stats", action="store_true", help="print engine statistics to stderr at the end")
 
 
-def _pick_device(name: str | None):
-    try:
-        from ..device import pick_device
-    except ImportError:  # the device module is being written: fall back to the CPU
-        import torch
-
-        return torch.device("cpu")
-    return pick_device(name)
-
-
-def generate_main(args: argparse.Namespace) -> int:
+def load_for_inference(ckpt: str, device: str | None = "auto", dtype: str | None = "auto"):
+    """A checkpoint directory's model (eval mode) and tokenizer on the chosen device: (model, tokenizer)."""
     import torch
 
     import nanoseek
     from ..data.tokenizer import load_tokenizer
+    from ..device import pick_device
+
+    torch_dtype = None if dtype in (None, "auto") else getattr(torch, dtype)
+    model = nanoseek.load(ckpt, device=pick_device(device), dtype=torch_dtype)
+    return model, load_tokenizer(ckpt)
+
+
+def generate_main(args: argparse.Namespace) -> int:
     from .engine import Engine
     from .sampling import GenerationError, SamplingParams
 
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             max_tokens=args.max_tokens, seed=args.seed, stop=list(getattr(args, "stop", []) or []),
                             logprobs=False)
-    device = _pick_device(getattr(args, "device", None))
-    dtype_name = getattr(args, "dtype", "auto") or "auto"
-    dtype = None if dtype_name == "auto" else getattr(torch, dtype_name)
-    model = nanoseek.load(args.ckpt, device=device, dtype=dtype)
-    tokenizer = load_tokenizer(args.ckpt)
+    model, tokenizer = load_for_inference(args.ckpt, getattr(args, "device", "auto"), getattr(args, "dtype", "auto"))
+    device = next(model.parameters()).device
     if args.chat:
         text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
     else:

@@ -135,3 +135,38 @@ def evaluate(engine, tokenizer, task: Task | str, n_problems: int = 200, difficu
     texts = [[outs[i * samples + j].text for j in range(samples)] for i in range(len(problems))]
     lens = [[len(outs[i * samples + j].token_ids) for j in range(samples)] for i in range(len(problems))]
     return score(task, problems, texts, lens, k, difficulty, seed)
+
+
+def add_eval_arguments(p) -> None:
+    p.add_argument("--task", required=True, help="arithmetic, countdown, linear, or a registered task")
+    p.add_argument("--ckpt", required=True, help="checkpoint directory (model + tokenizer)")
+    p.add_argument("--n", type=int, default=200, help="held-out problems (default 200)")
+    p.add_argument("--difficulty", type=int, default=1)
+    p.add_argument("--samples", type=int, default=1, help="samples per problem (default 1: greedy)")
+    p.add_argument("--k", type=int, default=1, help="k of pass@k and maj@k (<= --samples)")
+    p.add_argument("--temperature", type=float, default=None, help="default 0 for one sample, else 1.0")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0, help="held-out seed (problems and sampling)")
+    p.add_argument("--max-slots", type=int, default=32, help="requests decoded together")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default=None, help="also write the JSON (with per-problem records) here")
+
+
+def eval_main(args) -> int:
+    """``nanoseek eval``: held-out accuracy, pass@k, maj@k, mean length and format rate as JSON."""
+    import json
+    from pathlib import Path
+
+    from ..infer.cli import load_for_inference
+    from ..infer.engine import Engine
+
+    model, tokenizer = load_for_inference(args.ckpt, args.device)
+    temperature = args.temperature if args.temperature is not None else (0.0 if args.samples == 1 else 1.0)
+    engine = Engine(model, tokenizer, max_slots=args.max_slots)
+    result = evaluate(engine, tokenizer, args.task, n_problems=args.n, difficulty=args.difficulty,
+                      samples=args.samples, k=args.k, temperature=temperature,
+                      max_tokens=args.max_tokens, seed=args.seed)
+    print(json.dumps(result.to_dict(), indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result.to_dict(with_problems=True), indent=2) + "\n")
+    return 0
