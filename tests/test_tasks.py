@@ -475,3 +475,14 @@ def test_user_task_and_reward_registration():
     finally:
         TASKS.pop(task.name, None)
         REWARDS.pop("test-length", None)
+
+
+def test_chat_messages_share_one_instruction_and_carry_the_ideal_completion():
+    from nanoseek.tasks import SYSTEM_PROMPT, chat_messages, format_completion, get_task
+
+    problem = get_task("linear").generate(0, 1, 1)[0]
+    msgs = chat_messages(problem, with_completion=True)
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant"]
+    assert msgs[0]["content"] == SYSTEM_PROMPT and msgs[1]["content"] == problem.prompt
+    assert msgs[2]["content"] == format_completion(problem)
+    assert get_task("linear").grade(msgs[2]["content"], problem.fields).value == "correct"

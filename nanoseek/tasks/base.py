@@ -29,6 +29,8 @@ __all__ = [
     "Verdict",
     "format_prompt",
     "format_completion",
+    "chat_messages",
+    "SYSTEM_PROMPT",
     "parse_answer",
     "format_ok",
     "MAX_ANSWER_CHARS",
@@ -120,6 +122,26 @@ def format_prompt(problem: Problem | str, *, prefill_think: bool = False) -> str
     question = problem.prompt if isinstance(problem, Problem) else str(problem)
     text = _TEMPLATE.format(question=question.strip())
     return text + " " + THINK_OPEN if prefill_think else text
+
+
+#: The R1 instruction as a system turn, for chat-formatted models (SFT, GRPO, eval, serving).
+SYSTEM_PROMPT = (
+    "First think through the reasoning process, then give the answer. The reasoning goes inside "
+    "<think> </think> tags and the final answer inside <answer> </answer> tags, like this: "
+    "<think> reasoning here </think> <answer> answer here </answer>."
+)
+
+
+def chat_messages(problem: Problem | str, *, with_completion: bool = False) -> list[dict[str, str]]:
+    """The problem as chat messages (system instruction + user question), the form that SFT, GRPO,
+    evaluation and the server share; ``with_completion`` appends the ideal assistant turn (SFT)."""
+    question = problem.prompt if isinstance(problem, Problem) else str(problem)
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question.strip()}]
+    if with_completion:
+        if not isinstance(problem, Problem):
+            raise TypeError("with_completion needs a Problem (it holds the solution)")
+        messages.append({"role": "assistant", "content": format_completion(problem)})
+    return messages
 
 
 def format_completion(problem: Problem) -> str:

@@ -13,7 +13,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
-from .base import Problem, Task, Verdict, format_ok, format_prompt, parse_answer
+from .base import Problem, Task, Verdict, chat_messages, format_ok, parse_answer
 from .registry import get_task
 
 #: Problem seeds at or above this are reserved for evaluation; training must stay below it.
@@ -27,9 +27,8 @@ def eval_problems(task: Task | str, n: int, difficulty: int = 1, seed: int = 0) 
 
 
 def chat_prompt(tokenizer, problem: Problem | str) -> str:
-    """The R1-Zero instruction as a user turn in the checkpoint's chat template, ready to generate."""
-    return tokenizer.apply_chat_template([{"role": "user", "content": format_prompt(problem)}],
-                                         add_generation_prompt=True)
+    """The problem in the checkpoint's chat template (:func:`chat_messages`), ready to generate."""
+    return tokenizer.apply_chat_template(chat_messages(problem), add_generation_prompt=True)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
