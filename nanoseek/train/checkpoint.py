@@ -1,0 +1,250 @@
+"""Atomic, pickle-free training checkpoints.
+
+Layout of one checkpoint (``RUN_DIR/checkpoints/step_{step:08d}/``)::
+
+    model/                     nanoseek.save(): config.json, model.safetensors (training dtype, so
+                               float32 master weights stay float32), generation_config.json, plus
+                               the tokenizer files — a self-contained HF checkpoint directory
+    optimizer.safetensors      every tensor of optimizer.state_dict()["state"] as "{param}.{key}"
+    optimizer.json             param_groups and the non-tensor state entries
+    rng.safetensors            torch CPU (and CUDA) generator states
+    rng.json                   python ``random`` and numpy global states
+    trainer_state.json         step, tokens, sampler / guard / cost states, train config, ...
+
+Everything is written into ``step_X.tmp-<pid>``; files and the directory are fsynced, the directory
+is renamed to ``step_X`` and the parent is fsynced. A ``step_X`` directory therefore is always
+complete; ``*.tmp-*`` directories are leftovers of a crash and are deleted by
+:func:`latest_checkpoint`. Nothing here is unpickled: tensors come from safetensors, the rest from
+JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors.torch
+import torch
+from torch import nn
+
+from ..errors import CheckpointError
+from .faults import maybe_fault
+
+CHECKPOINTS = "checkpoints"
+MODEL_DIR = "model"
+TRAINER_STATE = "trainer_state.json"
+_STEP_RE = re.compile(r"^step_(\d{8})$")
+_TMP_RE = re.compile(r"^step_\d{8}\.(tmp|old)-")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS / f"step_{step:08d}"
+
+
+def checkpoint_step(path: str | os.PathLike) -> int:
+    m = _STEP_RE.match(Path(path).name)
+    if not m:
+        raise CheckpointError(f"{path} is not a checkpoint directory (expected step_XXXXXXXX)")
+    return int(m.group(1))
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints of ``run_dir``, oldest first (``*.tmp-*`` leftovers are not listed)."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _STEP_RE.match(p.name) and (p / TRAINER_STATE).is_file()]
+    return sorted(found, key=checkpoint_step)
+
+
+def latest_checkpoint(run_dir: str | os.PathLike, cleanup: bool = True) -> Path | None:
+    """The newest complete checkpoint, or ``None``. With ``cleanup``, deletes ``*.tmp-*`` leftovers."""
+    root = Path(run_dir) / CHECKPOINTS
+    if cleanup and root.is_dir():
+        for p in root.iterdir():
+            if _TMP_RE.match(p.name):
+                shutil.rmtree(p, ignore_errors=True)
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+# ----------------------------------------------------------------------------- writing
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:  # some filesystems refuse fsync on directories; that is not an error
+        if not path.is_dir():
+            raise exc
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    safetensors.torch.save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+    _fsync(path)
+
+
+def _optimizer_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    other: dict[str, dict] = {}
+    for index, state in sd["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{key}"] = value
+            else:
+                other.setdefault(str(index), {})[key] = value
+    return tensors, {"param_groups": sd["param_groups"], "state": other}
+
+
+def _rng_states(device: torch.device | None) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if device is not None and device.type == "cuda" and torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = state
+    version, state, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return tensors, {"python": [version, list(state), gauss],
+                     "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
+
+
+def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    trainer_state: dict, tokenizer_dir: str | os.PathLike | None, keep_last: int = 3,
+                    device: torch.device | None = None) -> Path:
+    """Write checkpoint ``step`` of ``run_dir`` atomically, then keep only the last ``keep_last``.
+
+    Any ``OSError`` (ENOSPC, EIO, ...) removes the partial directory and raises
+    :class:`CheckpointError` naming the path, the error and the last good checkpoint, which is intact.
+    """
+    import nanoseek
+
+    final = checkpoint_dir(run_dir, step)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+    previous = [p for p in list_checkpoints(run_dir) if p != final]
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        nanoseek.save(model, tmp / MODEL_DIR, max_shard_size="10GB")
+        if tokenizer_dir is not None:
+            for name in TOKENIZER_FILES:
+                src = Path(tokenizer_dir) / name
+                if src.is_file():
+                    shutil.copyfile(src, tmp / MODEL_DIR / name)
+                    _fsync(tmp / MODEL_DIR / name)
+        _fsync(tmp / MODEL_DIR)
+        tensors, meta = _optimizer_files(optimizer)
+        _save_tensors(tmp / "optimizer.safetensors", tensors)
+        _write_json(tmp / "optimizer.json", meta)
+        maybe_fault("kill_in_checkpoint", step)  # TEST-ONLY: SIGKILL with half a checkpoint written
+        rng_tensors, rng_meta = _rng_states(device)
+        _save_tensors(tmp / "rng.safetensors", rng_tensors)
+        _write_json(tmp / "rng.json", rng_meta)
+        _write_json(tmp / TRAINER_STATE, dict(trainer_state, step=step))
+        _fsync(tmp)
+        old = None
+        if final.exists():  # only when a step is re-checkpointed; keep it until the new one is in place
+            old = final.with_name(f"{final.name}.old-{uuid.uuid4().hex[:8]}")
+            os.rename(final, old)
+        os.rename(tmp, final)
+        _fsync(final.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        good = (f"the last good checkpoint {previous[-1]} is intact" if previous
+                else "no earlier checkpoint exists")
+        raise CheckpointError(f"could not write checkpoint {final}: {reason} ({exc}); {good}") from exc
+    prune_checkpoints(run_dir, keep_last, keep=final)
+    return final
+
+
+def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int, keep: Path | None = None) -> None:
+    """Delete all but the newest ``keep_last`` checkpoints (never the newest, never ``keep``)."""
+    found = list_checkpoints(run_dir)
+    for p in found[: max(0, len(found) - max(1, keep_last))]:
+        if keep is not None and p == keep:
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- reading
+def read_trainer_state(path: str | os.PathLike) -> dict:
+    file = Path(path) / TRAINER_STATE
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"cannot read {file}: {exc}") from None
+
+
+def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> nn.Module:
+    """The checkpoint's model in its stored dtype (float32 master weights), in train mode."""
+    import nanoseek
+
+    model = nanoseek.load(Path(path) / MODEL_DIR, device="cpu")
+    return model.to(device).train()
+
+
+def restore_model(model: nn.Module, path: str | os.PathLike) -> None:
+    """Copy the checkpoint's weights and buffers into ``model`` in place (optimizer refs stay valid)."""
+    loaded = load_model(path, "cpu")
+    target = getattr(model, "_orig_mod", model)
+    missing, unexpected = target.load_state_dict(loaded.state_dict(), strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {path} does not match the model: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, path: str | os.PathLike) -> None:
+    path = Path(path)
+    try:
+        meta = json.loads((path / "optimizer.json").read_text(encoding="utf-8"))
+        tensors = safetensors.torch.load_file(str(path / "optimizer.safetensors"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"cannot read the optimizer state in {path}: {exc}") from None
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    for index, entries in meta["state"].items():
+        state.setdefault(int(index), {}).update(entries)
+    state = dict(sorted(state.items()))  # parameter order, as the optimizer created it
+    groups = meta["param_groups"]
+    for g in groups:
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def restore_rng(path: str | os.PathLike, device: torch.device | None = None) -> None:
+    path = Path(path)
+    tensors = safetensors.torch.load_file(str(path / "rng.safetensors"))
+    meta = json.loads((path / "rng.json").read_text(encoding="utf-8"))
+    torch.set_rng_state(tensors["torch_cpu"])
+    if device is not None and device.type == "cuda" and torch.cuda.is_available():
+        states = [tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda.")),
+                                             key=lambda k: int(k.split(".")[1]))]
+        if len(states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states)
+    version, state, gauss = meta["python"]
+    random.setstate((version, tuple(state), gauss))
+    name, keys, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))

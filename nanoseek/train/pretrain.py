@@ -1,0 +1,744 @@
+"""The pretraining loop: data → tokenizer → shards → DeepSeek-V3 → AdamW, guarded, checkpointed, resumable.
+
+Run directory (``--out``)::
+
+    train_config.json   the TrainConfig that defines the run
+    tokenizer/          the tokenizer (trained on the data, or a copy of --tokenizer)
+    data/               token shards (unless --data named an existing shard directory)
+    checkpoints/        step_XXXXXXXX/ (see nanoseek.train.checkpoint), the last keep_last kept
+    metrics.jsonl       one record per logged step (stage "pretrain")
+    incidents.jsonl     what the training guard saw (nanoseek.train.guard)
+    cost.json           device-hours and $ per stage (nanoseek.train.cost)
+    report.md + *.png   the report card (nanoseek.report), written at the end
+    tensorboard/        with --tensorboard
+
+One step: ``grad_accum`` micro-batches, forward under bf16 autocast where the device supports it
+(float32 on the CPU), ``loss = lm_loss + λ(step)·mtp_loss + α·balance_loss``, backward, gradient
+clipping (its total norm is the guard's ``grad_norm``), then the guard decides: ``ok``/``warn`` →
+AdamW step + auxiliary-loss-free bias update with γ(step); ``skip`` → drop the gradients;
+``lr_down`` → scale the LR down (``guard.lr_scale``) and skip; ``rollback`` → reload the latest
+checkpoint and skip the offending data window.
+
+Exact resume. A checkpoint holds the float32 master weights, the router biases, the full AdamW
+state, the RNG states, the sampler position, the guard and cost states and the byte length of
+``metrics.jsonl`` (a resumed run truncates the records of steps it redoes). The LR, γ and λ are
+pure functions of the step; the data order is a pure function of (seed, epoch, position). The MoE
+dispatch is order-stable (stable argsort; bincount; index_add and the backward's accumulating
+index_put run serially on the CPU), and CPU kernels are deterministic for a fixed thread count, so
+on the CPU a run killed at any point and resumed with ``--resume`` (same machine, same
+``torch.get_num_threads()``) ends with weights bit-identical to an uninterrupted run of the same
+length. ``deterministic=True`` additionally turns on ``torch.use_deterministic_algorithms`` (and
+``CUBLAS_WORKSPACE_CONFIG``) for accelerators, where index_add and friends otherwise use atomics;
+it is off by default there (speed), and on the CPU it is not needed (it would only NaN-fill every
+``torch.empty``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..errors import ConfigError, NanoseekError
+from . import distributed as dist
+from .checkpoint import (
+    TOKENIZER_FILES,
+    checkpoint_step,
+    latest_checkpoint,
+    list_checkpoints,
+    load_model,
+    read_trainer_state,
+    restore_model,
+    restore_optimizer,
+    restore_rng,
+    save_checkpoint,
+)
+from .config import DATA_FIELDS, RESUME_CHANGEABLE, TrainConfig
+from .faults import maybe_fault
+from .optim import bias_speed_at, build_optimizer, lr_at, mtp_weight_at
+
+STAGE = "pretrain"
+STATE_VERSION = 1
+KNOWN_PEAK_TFLOPS = {"H100": 790.0, "H200": 790.0}  # bf16 dense matmul as measured (DESIGN.md)
+
+
+# ----------------------------------------------------------------------------- helpers
+def _finite(x: float) -> float | None:
+    return x if isinstance(x, (int, float)) and math.isfinite(x) else None
+
+
+def default_peak_tflops(device: torch.device) -> float | None:
+    """The bf16 peak used for MFU on known cards; ``None`` (MFU omitted) elsewhere."""
+    if device.type != "cuda":
+        return None
+    from ..device import device_name
+
+    name = device_name(device)
+    for key, value in KNOWN_PEAK_TFLOPS.items():
+        if key in name:
+            return value
+    return None
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak allocated device memory on CUDA, else the process's peak resident set size."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+@contextlib.contextmanager
+def _run_lock(run_dir: Path):
+    """One trainer per run directory (advisory flock; released by the kernel even on SIGKILL)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    fh = open(run_dir / ".lock", "w")
+    try:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise NanoseekError(f"another nanoseek process is training in {run_dir}") from None
+        yield
+    finally:
+        fh.close()
+
+
+@contextlib.contextmanager
+def _deterministic(enabled: bool):
+    if not enabled:
+        yield
+        return
+    prev = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
+
+
+def _summary_writer():
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise NanoseekError("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
+    return SummaryWriter
+
+
+def _abs(p: str | None) -> str | None:
+    return None if p is None else os.path.abspath(os.path.expanduser(p))
+
+
+def _is_shard_dir(paths: list[str]) -> bool:
+    return len(paths) == 1 and Path(paths[0]).is_dir() and (Path(paths[0]) / "manifest.json").is_file()
+
+
+# ----------------------------------------------------------------------------- configuration
+def resolve_config(run_dir: Path, overrides: dict[str, Any], resume: bool, log: Callable = print) -> TrainConfig:
+    """The run's TrainConfig: from ``overrides`` (fresh run) or ``run_dir/train_config.json`` (resume).
+
+    Raises :class:`NanoseekError` for ``--resume`` without a checkpoint, and for an ``--out`` that
+    already holds another run (or this run with checkpoints) without ``--resume``.
+    """
+    overrides = dict(overrides)
+    for key in ("config", "init_from", "tokenizer"):
+        if overrides.get(key) is not None:
+            overrides[key] = _abs(overrides[key])
+    if overrides.get("data"):
+        overrides["data"] = [_abs(p) for p in overrides["data"]]
+    guard_over = overrides.pop("guard", None) or {}
+    cfg_path = run_dir / "train_config.json"
+
+    if resume:
+        if not cfg_path.is_file() or latest_checkpoint(run_dir, cleanup=False) is None:
+            raise NanoseekError(f"--resume: no checkpoint in {run_dir} to resume from "
+                                f"(run without --resume to start a new run there)")
+        stored = TrainConfig.load(cfg_path)
+        data = stored.to_dict()
+        changed, refused = [], []
+        for key, value in overrides.items():
+            if key in DATA_FIELDS or value is None or data.get(key) == value:
+                continue
+            if key in RESUME_CHANGEABLE:
+                changed.append(f"{key}: {data[key]!r} -> {value!r}")
+                data[key] = value
+            else:
+                refused.append(f"{key} (run: {data[key]!r}, given: {value!r})")
+        if refused:
+            raise NanoseekError(f"--resume: these settings differ from the run in {run_dir} and cannot change "
+                                f"mid-run: {'; '.join(refused)}")
+        for key, value in guard_over.items():
+            if data["guard"].get(key) != value:
+                changed.append(f"guard.{key}: {data['guard'].get(key)!r} -> {value!r}")
+                data["guard"][key] = value
+        if changed:
+            log(f"note: resuming with changed settings: {'; '.join(changed)}")
+        return TrainConfig.from_dict(data, source=str(cfg_path))
+
+    from .guard import GuardConfig
+
+    fields = {k: v for k, v in overrides.items() if v is not None}
+    if guard_over:
+        fields["guard"] = GuardConfig(**guard_over)
+    sources = [k for k in ("preset", "config", "init_from") if fields.get(k) is not None]
+    if len(sources) > 1:
+        raise ConfigError(f"give only one of --preset, --config and --init-from (got {', '.join(sources)})")
+    if not sources:
+        fields["preset"] = "small"
+    if not fields.get("data"):
+        raise NanoseekError("--data is required: text files, directories or globs (txt/jsonl/parquet), "
+                            "or a shard directory with a manifest.json")
+    cfg = TrainConfig(**fields)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise NanoseekError(f"--out {run_dir} exists and is not a directory")
+    if cfg_path.is_file():
+        stored = TrainConfig.load(cfg_path)
+        ckpts = list_checkpoints(run_dir)
+        diffs = stored.differences(cfg)
+        if ckpts and diffs:
+            shown = "; ".join(f"{k}: run {a!r}, given {b!r}" for k, (a, b) in sorted(diffs.items())[:6])
+            raise NanoseekError(f"--out {run_dir} already holds a run with a different config ({shown}); "
+                                f"pass --resume to continue that run, or choose another --out")
+        if ckpts:
+            raise NanoseekError(f"--out {run_dir} already holds this run with checkpoints up to step "
+                                f"{checkpoint_step(ckpts[-1])}; pass --resume to continue it, or choose another --out")
+        # No checkpoint yet (an attempt that failed or was killed while preparing): nothing to lose.
+        log(f"note: {run_dir} holds a run that never reached its first checkpoint: starting over there")
+    elif run_dir.is_dir() and any(p.name != ".lock" for p in run_dir.iterdir()):
+        raise NanoseekError(f"--out {run_dir} is a non-empty directory that holds no nanoseek run; "
+                            f"choose an empty or new directory")
+    return cfg
+
+
+# ----------------------------------------------------------------------------- data
+def prepare_data(cfg: TrainConfig, run_dir: Path, fresh: bool, log: Callable = print, default_vocab: int = 4096):
+    """Tokenizer and shards for the run. Returns ``(tokenizer, tokenizer_dir, data_dir)``."""
+    from ..data import build_shards, load_tokenizer, read_manifest, train_tokenizer
+    from ..data.sources import DataError
+
+    tok_dir = run_dir / "tokenizer"
+    shard_mode = _is_shard_dir(cfg.data)
+    data_dir = Path(cfg.data[0]) if shard_mode else run_dir / "data"
+    if not fresh:  # resume: everything is in place already
+        if not (tok_dir / "tokenizer.json").is_file():
+            raise NanoseekError(f"cannot resume: {tok_dir} holds no tokenizer.json")
+        tokenizer = load_tokenizer(tok_dir)
+        read_manifest(data_dir).check_tokenizer(tokenizer)
+        return tokenizer, tok_dir, data_dir
+
+    tmp_tok = run_dir / "tokenizer.tmp"
+    shutil.rmtree(tmp_tok, ignore_errors=True)
+    if cfg.tokenizer is not None or shard_mode:
+        src = Path(cfg.tokenizer) if cfg.tokenizer is not None else None
+        if src is None:
+            for cand in (data_dir / "tokenizer", data_dir.parent / "tokenizer"):
+                if (cand / "tokenizer.json").is_file():
+                    src = cand
+                    break
+            if src is None:
+                raise NanoseekError(f"--data {data_dir} is a shard directory: give the tokenizer it was built "
+                                    f"with (--tokenizer DIR)")
+        if not (src / "tokenizer.json").is_file():
+            raise NanoseekError(f"--tokenizer {src}: no tokenizer.json there")
+        tokenizer = load_tokenizer(src)
+        if src.resolve() != tok_dir.resolve():
+            tmp_tok.mkdir(parents=True)
+            for name in TOKENIZER_FILES:
+                if (src / name).is_file():
+                    shutil.copyfile(src / name, tmp_tok / name)
+        log(f"tokenizer: {src} ({tokenizer.vocab_size} ids)")
+    else:
+        vocab = cfg.vocab_size or default_vocab
+        log(f"tokenizer: training a byte-level BPE with up to {vocab} ids on {', '.join(cfg.data)}")
+        try:
+            tokenizer = train_tokenizer(list(cfg.data), vocab, tmp_tok, text_field=cfg.text_field)
+        except ValueError as exc:
+            raise NanoseekError(f"cannot train the tokenizer: {exc}") from None
+        log(f"tokenizer: {tokenizer.vocab_size} ids")
+    if tmp_tok.exists():
+        shutil.rmtree(tok_dir, ignore_errors=True)
+        os.replace(tmp_tok, tok_dir)
+
+    if shard_mode:
+        manifest = read_manifest(data_dir)
+        manifest.check_tokenizer(tokenizer)
+        log(f"data: reusing shards in {data_dir} "
+            f"({manifest.n_train_tokens} train / {manifest.n_val_tokens} val tokens)")
+        return tokenizer, tok_dir, data_dir
+    try:
+        manifest = build_shards(cfg.data, tokenizer, data_dir, val_fraction=cfg.val_fraction,
+                                min_val_tokens=cfg.seq_len + 1, text_field=cfg.text_field, overwrite=True)
+    except DataError as exc:
+        if "too small" not in str(exc):
+            raise
+        # Too few documents to hold some out whole (e.g. one big .txt file): shard without the
+        # top-up; load_datasets() then holds out the tail of the training stream instead.
+        manifest = build_shards(cfg.data, tokenizer, data_dir, val_fraction=cfg.val_fraction,
+                                min_val_tokens=0, text_field=cfg.text_field, overwrite=True)
+    log(f"data: {manifest.n_train_tokens} train / {manifest.n_val_tokens} val tokens in {data_dir}")
+    return tokenizer, tok_dir, data_dir
+
+
+def split_tail(arrays: list, n_tail: int) -> tuple[list, list]:
+    """Split a token stream given as arrays into (all but the last ``n_tail`` tokens, the last ``n_tail``)."""
+    head, tail, remaining = list(arrays), [], n_tail
+    while remaining > 0 and head:
+        last = head.pop()
+        if last.size <= remaining:
+            tail.insert(0, last)
+            remaining -= last.size
+        else:
+            head.append(last[: last.size - remaining])
+            tail.insert(0, last[last.size - remaining:])
+            remaining = 0
+    return head, tail
+
+
+def load_datasets(data_dir: Path, cfg: TrainConfig, log: Callable = print):
+    """``(train, val or None)`` :class:`PackedDataset` of the shards.
+
+    The validation split is the shards' held-out documents; when those are fewer than one sequence
+    (a corpus of very few documents), the last ``max(seq_len + 1, val_fraction × tokens)`` tokens of
+    the training stream are held out instead. Deterministic, so a resumed run sees the same split.
+    """
+    from ..data import PackedDataset, open_shards
+    from ..data.sources import DataError
+
+    need = cfg.seq_len + 1
+    train, val = open_shards(data_dir, "train"), open_shards(data_dir, "val")
+    n_train, n_val = sum(a.size for a in train), sum(a.size for a in val)
+    if n_val < need:
+        hold = max(need, int(cfg.val_fraction * n_train))
+        if n_train - hold < need:
+            raise DataError(f"the corpus is too small for seq_len={cfg.seq_len}: it has {n_train + n_val} tokens, "
+                            f"and pretraining needs at least {need} for one training sequence plus {need} held "
+                            f"out for validation; add data or lower --seq-len")
+        train, val = split_tail(train, hold)
+        log(f"note: too few documents for a held-out split: the last {hold} tokens of the training stream "
+            f"are the validation data")
+    return PackedDataset(train, cfg.seq_len, "train"), PackedDataset(val, cfg.seq_len, "val")
+
+
+# ----------------------------------------------------------------------------- model
+def build_model_config(cfg: TrainConfig, tokenizer, log: Callable = print):
+    """The ModelConfig of a fresh run, its vocabulary checked against the tokenizer."""
+    from ..config import ModelConfig, get_preset
+    from ..data import check_vocab, padded_vocab_size
+
+    if cfg.init_from is not None:
+        model_cfg = ModelConfig.from_json(cfg.init_from)
+        where = f"--init-from {cfg.init_from}"
+    elif cfg.config is not None:
+        model_cfg = ModelConfig.from_json(cfg.config)
+        where = f"--config {cfg.config}"
+    else:
+        base = get_preset(cfg.preset)
+        vocab = padded_vocab_size(tokenizer.vocab_size)
+        if vocab != base.vocab_size:
+            log(f"note: preset {cfg.preset}: vocab_size {base.vocab_size} -> {vocab} "
+                f"(the tokenizer's {tokenizer.vocab_size} ids padded to a multiple of 64)")
+        return base.replace(vocab_size=vocab, bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
+                            pad_token_id=tokenizer.pad_id, extra=dict(base.extra))
+    try:
+        check_vocab(tokenizer.vocab_size, model_cfg.vocab_size)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: vocabulary mismatch: {exc}") from None
+    return model_cfg
+
+
+def default_vocab_size(cfg: TrainConfig) -> int:
+    from ..config import ModelConfig, get_preset
+
+    if cfg.init_from is not None:
+        return ModelConfig.from_json(cfg.init_from).vocab_size
+    if cfg.config is not None:
+        return ModelConfig.from_json(cfg.config).vocab_size
+    return get_preset(cfg.preset).vocab_size
+
+
+# ----------------------------------------------------------------------------- the trainer
+class Trainer:
+    """Holds the state of one pretraining run; :meth:`train` runs it to ``max_steps``."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path, resume: bool, log: Callable = print):
+        from ..data import DeterministicSampler
+        from ..device import autocast_dtype, device_name, pick_device
+        from ..info import training_flops_per_token
+        from .cost import CostMeter
+        from .guard import TrainingGuard
+
+        self.cfg, self.run_dir, self.log = cfg, run_dir, log
+        self.device = pick_device(cfg.device)
+        self.amp = autocast_dtype(self.device)
+        self.ckpt = latest_checkpoint(run_dir) if resume else None
+        state = read_trainer_state(self.ckpt) if self.ckpt is not None else None
+
+        # data
+        default_vocab = default_vocab_size(cfg) if state is None else 0
+        self.tokenizer, self.tok_dir, self.data_dir = prepare_data(cfg, run_dir, fresh=state is None, log=log,
+                                                                   default_vocab=default_vocab)
+        self.train_ds, self.val_ds = load_datasets(self.data_dir, cfg, log)
+        self.sampler = DeterministicSampler(len(self.train_ds), cfg.seed, dist.rank(), dist.world_size(),
+                                            batch_size=cfg.batch_size)
+
+        # model (float32 master weights; built on the CPU so the init does not depend on the device)
+        if state is None:
+            model_cfg = build_model_config(cfg, self.tokenizer, log)
+            if cfg.init_from is not None:
+                import nanoseek
+
+                model = nanoseek.load(cfg.init_from, device="cpu", dtype=torch.float32)
+            else:
+                from ..model import DeepSeekV3
+
+                torch.manual_seed(cfg.seed)
+                model = DeepSeekV3(model_cfg)
+        else:
+            model = load_model(self.ckpt, "cpu")
+        from ..data import check_vocab
+
+        try:
+            check_vocab(self.tokenizer.vocab_size, model.config.vocab_size)
+        except ValueError as exc:
+            raise ConfigError(f"vocabulary mismatch: {exc}") from None
+        if cfg.seq_len > model.config.max_position_embeddings:
+            log(f"note: seq_len {cfg.seq_len} exceeds the model's max_position_embeddings "
+                f"{model.config.max_position_embeddings}")
+        self.model = model.to(self.device).train()
+        self.model.set_activation_checkpointing(cfg.activation_checkpointing)
+        self.forward = torch.compile(self.model) if cfg.compile else self.model
+        self.routers = self.model.moe_routers()
+        self.optimizer = build_optimizer(self.model, cfg, self.device)
+
+        # bookkeeping
+        self.guard = TrainingGuard(cfg.guard, run_dir / "incidents.jsonl", log=log)
+        self.cost = CostMeter(run_dir, STAGE, self.device, n_devices=dist.world_size(),
+                              price_per_device_hour=cfg.price_per_device_hour)
+        # MFU numerator of DESIGN.md; the MTP modules are trained too, so their FLOPs count
+        self.flops_per_token = training_flops_per_token(model.config, cfg.seq_len, include_mtp=True)
+        self.peak_tflops = cfg.peak_tflops if cfg.peak_tflops is not None else default_peak_tflops(self.device)
+        self.tokens_per_step = cfg.tokens_per_step * dist.world_size()
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.step = 0
+        self.tokens = 0
+        self.elapsed_before = 0.0
+        self.poison_fired = False
+        self.tb = None
+        if state is not None:
+            self._restore(state)
+        n_params = model.num_parameters()
+        log(f"device: {self.device} ({device_name(self.device)}), autocast {self.amp or 'off (float32)'}; "
+            f"model {n_params / 1e6:.2f}M parameters (+MTP {model.num_parameters(True) - n_params:,}); "
+            f"{self.tokens_per_step} tokens/step; {self.flops_per_token / 1e6:.1f} MFLOP/token")
+
+    # ------------------------------------------------------------------ state
+    def _trainer_state(self) -> dict:
+        if self.metrics_path.exists():
+            metrics_bytes = self.metrics_path.stat().st_size
+        else:
+            metrics_bytes = 0
+        return {
+            "version": STATE_VERSION, "stage": STAGE, "step": self.step, "tokens": self.tokens,
+            "sampler": self.sampler.state_dict(), "guard": self.guard.state_dict(), "cost": self.cost.state_dict(),
+            "train_config": self.cfg.to_dict(), "metrics_bytes": metrics_bytes,
+            "elapsed": self.elapsed_before + (time.perf_counter() - self._t_start),
+            "poison_fired": self.poison_fired, "tokenizer_sha256": self.tokenizer.fingerprint,
+            "data_dir": str(self.data_dir), "torch_version": torch.__version__, "num_threads": torch.get_num_threads(),
+            "device": str(self.device), "saved_at": time.time(),
+        }
+
+    def _restore(self, state: dict) -> None:
+        """Resume: everything but the model weights (already loaded from the checkpoint)."""
+        if state.get("version") != STATE_VERSION:
+            raise NanoseekError(f"{self.ckpt}: unsupported trainer state version {state.get('version')!r}")
+        if state.get("tokenizer_sha256") != self.tokenizer.fingerprint:
+            raise NanoseekError(f"{self.ckpt} was trained with another tokenizer than {self.tok_dir}")
+        restore_optimizer(self.optimizer, self.ckpt)
+        restore_rng(self.ckpt, self.device)
+        self.sampler.load_state_dict(state["sampler"])
+        self.guard.load_state_dict(state["guard"])
+        self.cost.load_state_dict(state["cost"])
+        self.step, self.tokens = int(state["step"]), int(state["tokens"])
+        self.elapsed_before = float(state["elapsed"])
+        self.poison_fired = bool(state["poison_fired"])
+        if self.device.type == "cpu" and state.get("num_threads") not in (None, torch.get_num_threads()):
+            self.log(f"note: the checkpoint was written with {state['num_threads']} CPU threads and this process "
+                     f"has {torch.get_num_threads()}: the continuation is exact in state but may differ bitwise "
+                     f"from an uninterrupted run")
+        if self.metrics_path.exists():  # drop the records of steps the killed run took after this checkpoint
+            with open(self.metrics_path, "r+b") as fh:
+                fh.truncate(min(int(state["metrics_bytes"]), self.metrics_path.stat().st_size))
+        self.log(f"resumed from {self.ckpt} at step {self.step}")
+
+    def save(self) -> Path:
+        path = None
+        if dist.is_main():
+            self.cost.save()
+            path = save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self._trainer_state(),
+                                   self.tok_dir, keep_last=self.cfg.keep_last, device=self.device)
+        dist.barrier()
+        return path
+
+    def rollback(self, bad_step: int, sampler_before: dict) -> None:
+        """Reload the latest checkpoint, then move the data stream past the offending step's window.
+
+        The guard keeps its history (and counts the rollback; it raises after ``max_rollbacks``); the
+        cost meter keeps counting (the wasted compute was real). Data between the checkpoint and the
+        bad step is not replayed: the sampler continues ``skip_batches_after_rollback`` steps after the
+        start of the bad step's window (PaLM-style skipping of the data around a spike).
+        """
+        ckpt = latest_checkpoint(self.run_dir)
+        if ckpt is None:
+            self.log(f"guard: step {bad_step}: rollback requested but there is no checkpoint; skipping the step")
+            return
+        to_step = checkpoint_step(ckpt)
+        self.guard.note_rollback(bad_step, to_step)
+        restore_model(self.model, ckpt)
+        restore_optimizer(self.optimizer, ckpt)
+        restore_rng(ckpt, self.device)
+        state = read_trainer_state(ckpt)
+        self.step, self.tokens = int(state["step"]), int(state["tokens"])
+        self.sampler.load_state_dict(sampler_before)
+        self.sampler.skip(self.cfg.guard.skip_batches_after_rollback * self.cfg.grad_accum)
+        self.log(f"guard: step {bad_step}: rolled back to {ckpt.name}; skipped "
+                 f"{self.cfg.guard.skip_batches_after_rollback} step(s) of data past the offending window")
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean token loss of the main LM head over the first ``eval_batches`` val batches (fixed)."""
+        if self.val_ds is None:
+            return None
+        from ..model.model import causal_lm_loss
+
+        self.model.eval()
+        n = min(len(self.val_ds), self.cfg.eval_batches * self.cfg.batch_size)
+        total, count = 0.0, 0
+        for begin in range(0, n, self.cfg.batch_size):
+            idx = list(range(begin, min(n, begin + self.cfg.batch_size)))
+            x, y = self.val_ds.get_batch(idx)
+            x, y = x.to(self.device), y.to(self.device)
+            with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+                logits = self.forward(x).logits
+            total += causal_lm_loss(logits, y).item() * len(idx)
+            count += len(idx)
+        self.model.train()
+        return dist.all_reduce_mean(torch.tensor(total / count)).item()
+
+    # ------------------------------------------------------------------ one step
+    def _forward_backward(self, step_index: int, poison: bool) -> tuple[list[float], torch.Tensor | None]:
+        cfg = self.cfg
+        lam = mtp_weight_at(step_index, cfg)
+        sums = torch.zeros(4, device=self.device)
+        load = None
+        for micro in range(cfg.grad_accum):
+            x, y = self.train_ds.get_batch(self.sampler.next_batch())
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+                out = self.forward(x, labels=y, mtp_loss_weight=lam, aux_loss_alpha=cfg.aux_loss_alpha)
+            loss = out.loss
+            if poison and micro == 0:  # guard drill (--poison-step): a non-finite loss on purpose
+                loss = loss * float("nan")
+            (loss / cfg.grad_accum).backward()
+            zero = loss.new_zeros(())
+            parts = [loss, out.lm_loss, out.mtp_loss if out.mtp_loss is not None else zero,
+                     out.aux_loss if out.aux_loss is not None else zero]
+            sums += torch.stack([p.detach().float() for p in parts]) / cfg.grad_accum
+            if out.expert_load is not None:
+                load = out.expert_load.detach() if load is None else load + out.expert_load.detach()
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        extra = [grad_norm.reshape(1).float().to(self.device)]
+        if load is not None:
+            lf = load.float()
+            ratio = (lf.max(dim=1).values / lf.mean(dim=1).clamp_min(1e-9)).max()
+            extra += [ratio.reshape(1), (load == 0).sum().reshape(1).float()]
+        values = dist.all_reduce_mean(torch.cat([sums] + extra)).tolist()  # the one host sync of the step
+        return values, load
+
+    def _apply(self, step_index: int, load: torch.Tensor | None) -> tuple[float, float]:
+        lr = lr_at(step_index, self.cfg) * self.guard.lr_scale
+        gamma = bias_speed_at(step_index, self.cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if gamma > 0 and load is not None:
+            for router, layer_load in zip(self.routers, load):
+                from ..model.moe import update_routing_bias
+
+                update_routing_bias(router, layer_load, gamma)
+        return lr, gamma
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> dict:
+        cfg = self.cfg
+        self._t_start = time.perf_counter()
+        if self.ckpt is None:
+            self.log(f"checkpoint: {self.save()} (initial weights)")
+        if cfg.tensorboard and dist.is_main():
+            self.tb = _summary_writer()(str(self.run_dir / "tensorboard"))
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="pretrain", unit="step", dynamic_ncols=True,
+                   disable=not sys.stderr.isatty(), file=sys.stderr)
+        say = bar.write if not bar.disable else self.log
+        self.guard.log = say
+        self.cost.start()
+        metrics = open(self.metrics_path, "a", encoding="utf-8")
+        last_val = None
+        try:
+            t_prev = time.perf_counter()
+            while self.step < cfg.max_steps:
+                step_no = self.step + 1
+                maybe_fault("kill_at_step", step_no)  # TEST-ONLY (see nanoseek.train.faults)
+                poison = cfg.poison_step == step_no and not self.poison_fired
+                if poison:
+                    self.poison_fired = True
+                    say(f"guard drill: poisoning step {step_no} with a NaN loss (--poison-step)")
+                sampler_before = self.sampler.state_dict()
+                values, load = self._forward_backward(self.step, poison)
+                loss, lm_loss, mtp_loss, aux_loss, grad_norm = values[:5]
+                decision = self.guard.check(step_no, loss, grad_norm, load)
+                action = decision.action
+                lr, gamma = 0.0, 0.0
+                self.cost.add_tokens(self.tokens_per_step)
+                self.cost.add_samples(cfg.batch_size * cfg.grad_accum * dist.world_size())
+                if action in ("ok", "warn"):
+                    lr, gamma = self._apply(self.step, load)
+                    self.guard.accept(step_no, loss, grad_norm)
+                else:
+                    self.optimizer.zero_grad(set_to_none=True)
+                if action == "rollback":
+                    self.rollback(step_no, sampler_before)
+                    self._write(metrics, self._record(step_no, action, values, lr, gamma, 0.0, None))
+                    bar.n = self.step
+                    bar.refresh()
+                    t_prev = time.perf_counter()
+                    continue
+                self.step += 1
+                self.tokens += self.tokens_per_step
+                now = time.perf_counter()
+                dt, t_prev = now - t_prev, now
+                val = None
+                if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
+                    val = last_val = self.evaluate()
+                record = self._record(self.step, action, values, lr, gamma, dt, val)
+                if self.step % cfg.log_every == 0 or action != "ok" or val is not None or self.step == cfg.max_steps:
+                    self._write(metrics, record)
+                    say(self._line(record))
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps:
+                    metrics.flush()
+                    path = self.save()
+                    say(f"checkpoint: {path}")
+                if val is not None or self.step % cfg.checkpoint_every == 0:
+                    t_prev = time.perf_counter()  # eval / checkpoint time is not step time
+        finally:
+            bar.close()
+            metrics.close()
+            self.cost.stop()
+            if dist.is_main():
+                self.cost.save()
+            if self.tb is not None:
+                self.tb.close()
+        report = None
+        try:
+            from ..report import write_report
+        except ImportError:
+            write_report = None
+        if write_report is not None and dist.is_main():
+            try:
+                report = write_report(self.run_dir)
+                self.log(f"report: {report}")
+            except Exception as exc:  # the run itself succeeded; a report problem must not hide that
+                self.log(f"warning: could not write the report: {type(exc).__name__}: {exc}")
+        final = latest_checkpoint(self.run_dir, cleanup=False)
+        self.log(f"done: {self.step} steps, {self.tokens} tokens; final checkpoint {final}")
+        return {"step": self.step, "tokens": self.tokens, "val_loss": last_val, "checkpoint": final, "report": report}
+
+    def _record(self, step: int, action: str, values: list[float], lr: float, gamma: float, dt: float,
+                val: float | None) -> dict:
+        loss, lm_loss, mtp_loss, aux_loss, grad_norm = values[:5]
+        rec: dict[str, Any] = {
+            "stage": STAGE, "step": step, "action": action, "loss": _finite(loss), "lm_loss": _finite(lm_loss),
+            "mtp_loss": _finite(mtp_loss), "aux_loss": _finite(aux_loss), "lr": lr, "grad_norm": _finite(grad_norm),
+            "tokens": self.tokens,
+        }
+        if dt > 0:
+            tps = self.tokens_per_step / dt
+            rec["tokens_per_s"] = tps
+            rec["tflops"] = tps * self.flops_per_token / 1e12
+            if self.peak_tflops:
+                rec["mfu"] = rec["tflops"] / (self.peak_tflops * dist.world_size())
+        if len(values) > 5:
+            rec["expert_load_max_over_mean"] = _finite(values[5])
+            rec["dead_experts"] = int(values[6])
+        rec.update({"peak_mem_bytes": peak_memory_bytes(self.device),
+                    "mtp_weight": mtp_weight_at(step - 1, self.cfg), "bias_speed": gamma,
+                    "elapsed": self.elapsed_before + (time.perf_counter() - self._t_start)})
+        if val is not None:
+            rec["val_loss"] = val
+        return rec
+
+    def _write(self, fh, rec: dict) -> None:
+        if not dist.is_main():
+            return
+        fh.write(json.dumps(rec) + "\n")
+        fh.flush()
+        if self.tb is not None:
+            for key, value in rec.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+                    self.tb.add_scalar(f"{STAGE}/{key}", value, rec["step"])
+
+    def _line(self, r: dict) -> str:
+        def f(key: str, fmt: str) -> str:
+            return format(r[key], fmt) if r.get(key) is not None else "nan"
+
+        parts = [f"step {r['step']}/{self.cfg.max_steps}", f"loss {f('loss', '.4f')}", f"lm {f('lm_loss', '.4f')}",
+                 f"lr {r['lr']:.2e}", f"gnorm {f('grad_norm', '.3f')}"]
+        if "tokens_per_s" in r:
+            parts.append(f"{r['tokens_per_s']:,.0f} tok/s")
+        if "mfu" in r:
+            parts.append(f"mfu {100 * r['mfu']:.1f}%")
+        if r.get("val_loss") is not None:
+            parts.append(f"val {r['val_loss']:.4f}")
+        if r["action"] != "ok":
+            parts.append(f"[{r['action']}]")
+        return " | ".join(parts)
+
+
+def pretrain(out: str | os.PathLike, overrides: dict[str, Any], resume: bool = False, log: Callable = print) -> dict:
+    """Run (or ``resume``) the pretraining run in ``out``; ``overrides`` are TrainConfig fields
+    (``guard`` a dict of GuardConfig fields). Returns a summary dict."""
+    run_dir = Path(out).expanduser().resolve()
+    cfg = resolve_config(run_dir, overrides, resume, log)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with _run_lock(run_dir):
+        if not resume:  # a fresh run (or a start-over): forget the records of an earlier attempt
+            for name in ("metrics.jsonl", "incidents.jsonl"):
+                (run_dir / name).unlink(missing_ok=True)
+        cfg.save(run_dir / "train_config.json")
+        from ..device import pick_device
+
+        pick_device(cfg.device)  # clear errors for an unavailable device or tensorboard, before any data work
+        if cfg.tensorboard:
+            _summary_writer()
+        if cfg.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        with _deterministic(bool(cfg.deterministic)):
+            trainer = Trainer(cfg, run_dir, resume, log)
+            return trainer.train()
