@@ -477,3 +477,15 @@ def test_iterate_batches(tok, corpus, tmp_path):
     assert x.shape == y.shape == (2, 8) and x.dtype == y.dtype == torch.int64
     first = DeterministicSampler(len(ds), seed=3, batch_size=2).next_batch()
     assert torch.equal(x, ds.get_batch(first)[0])
+
+
+def test_digits_are_split_one_token_each_by_default():
+    from nanoseek.data.tokenizer import train_tokenizer
+
+    texts = [f"{a} + {b} = {a + b}" for a in range(100, 200) for b in range(3)]
+    tok = train_tokenizer(iter(texts), vocab_size=400, out_dir=None)
+    pieces = [tok.decode([i]) for i in tok.encode("123 + 45 = 168")]
+    assert all(len(p.strip()) <= 1 for p in pieces if p.strip().isdigit()), pieces
+    merged = train_tokenizer(iter(texts), vocab_size=400, out_dir=None, split_digits=False)
+    assert any(len(merged.decode([i]).strip()) > 1 and merged.decode([i]).strip().isdigit()
+               for i in merged.encode("123 + 45 = 168"))

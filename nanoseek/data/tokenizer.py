@@ -352,6 +352,7 @@ def train_tokenizer(
     txt_split_lines: bool = False,
     strict: bool = False,
     show_progress: bool = False,
+    split_digits: bool = True,
 ) -> NanoTokenizer:
     """Train a byte-level BPE tokenizer and save it to ``out_dir`` (skipped when ``None``).
 
@@ -361,6 +362,10 @@ def train_tokenizer(
 
     ``vocab_size`` counts everything: 256 byte tokens, the ten control tokens and the merges.
     It is an upper bound; a small corpus may give fewer ids (:attr:`NanoTokenizer.vocab_size`).
+
+    ``split_digits`` (default) makes every digit its own pre-token, so numbers are spelled digit
+    by digit as in LLaMA's tokenizer: arithmetic is then learnable column by column instead of
+    over thousands of arbitrary multi-digit tokens.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -378,7 +383,9 @@ def train_tokenizer(
         texts = _counting(iter(corpus))
 
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                               if split_digits else byte_level)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -436,6 +443,8 @@ def tokenizer_main(argv: Sequence[str] | None = None) -> int:
     train.add_argument("--text-field", default="text", help="jsonl field / parquet column (default: text)")
     train.add_argument("--txt-split-lines", action="store_true", help="one document per line in .txt files")
     train.add_argument("--strict", action="store_true", help="fail on invalid UTF-8 instead of skipping")
+    train.add_argument("--no-split-digits", dest="split_digits", action="store_false",
+                       help="let BPE merge digits into multi-digit tokens (default: one token per digit)")
     args = parser.parse_args(argv)
     tokenizer = train_tokenizer(
         args.input,
@@ -444,6 +453,7 @@ def tokenizer_main(argv: Sequence[str] | None = None) -> int:
         min_frequency=args.min_frequency,
         text_field=args.text_field,
         txt_split_lines=args.txt_split_lines,
+        split_digits=args.split_digits,
         strict=args.strict,
     )
     print(f"saved tokenizer with {tokenizer.vocab_size} ids to {args.out} (sha256 {tokenizer.fingerprint[:12]})")
