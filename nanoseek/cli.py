@@ -18,7 +18,6 @@ from .errors import NanoseekError
 # Commands whose implementation has not landed yet, with the issue that tracks each.
 COMING_SOON = {
     "sft": 5, "grpo": 5, "distill": 5, "speedrun": 5,
-    "serve": 6, "chat": 6,
 }
 STAGES = (  # what the speedrun will run, in order, and where each stands
     ("tokenizer", "nanoseek tokenizer train", None),
@@ -27,7 +26,7 @@ STAGES = (  # what the speedrun will run, in order, and where each stands
     ("grpo (reasoning RL)", "nanoseek grpo", 5),
     ("distill", "nanoseek distill", 5),
     ("eval", "nanoseek eval", None),
-    ("serve / chat", "nanoseek serve", 6),
+    ("serve / chat", "nanoseek serve", None),
     ("report card", "nanoseek report", 4),
 )
 
@@ -147,7 +146,7 @@ GUARD_FLAGS = {"on_nan": "on_nonfinite", "on_spike": "on_spike", "on_grad_explos
 PRETRAIN_FIELDS = ("preset", "config", "init_from", "data", "tokenizer", "vocab_size", "text_field", "max_steps",
                    "batch_size", "grad_accum", "seq_len", "lr", "min_lr", "warmup_steps", "checkpoint_every",
                    "keep_last", "eval_every", "eval_batches", "log_every", "seed", "device", "compile",
-                   "activation_checkpointing", "tensorboard", "peak_tflops", "poison_step")
+                   "activation_checkpointing", "deterministic", "tensorboard", "peak_tflops", "poison_step")
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
@@ -191,6 +190,8 @@ def _add_pretrain_parser(sub) -> None:
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     g.add_argument("--activation-checkpointing", action="store_true", default=None,
                    help="recompute block activations in backward to save memory")
+    g.add_argument("--deterministic", action="store_true", default=None,
+                   help="deterministic kernels on accelerators (slower; CPU runs are deterministic anyway)")
     g = p.add_argument_group("bookkeeping")
     g.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
     g.add_argument("--keep-last", type=int, help="checkpoints to keep (default 3)")
@@ -210,6 +211,17 @@ def _add_pretrain_parser(sub) -> None:
     g.add_argument("--poison-step", type=int, metavar="N",
                    help="guard drill: multiply step N's loss by NaN once, to exercise the guard's response")
     p.set_defaults(handler=cmd_pretrain)
+
+
+def _lazy_handler(module: str, func: str) -> Callable[[argparse.Namespace], int]:
+    """A handler that imports ``nanoseek.<module>`` only when its command runs (fast ``--help``)."""
+
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__package__}.{module}"), func)(args)
+
+    return run
 
 
 def _stub(name: str) -> Callable[[argparse.Namespace], int]:
@@ -267,16 +279,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_report)
 
     _add_pretrain_parser(sub)
-    from .infer.cli import add_generate_arguments, generate_main
-    from .tasks.evaluate import add_eval_arguments, eval_main
+    from .infer.cli import add_chat_arguments, add_generate_arguments, add_serve_arguments
+    from .tasks.evaluate import add_eval_arguments
 
     p = sub.add_parser("generate", help="generate text from a checkpoint (streams to stdout)")
     add_generate_arguments(p)
-    p.set_defaults(handler=generate_main)
+    p.set_defaults(handler=_lazy_handler("infer.cli", "generate_main"))
     p = sub.add_parser("eval", help="held-out accuracy, pass@k, maj@k, length and format rate on a task")
     add_eval_arguments(p)
-    p.set_defaults(handler=eval_main)
-    for name in ("sft", "grpo", "distill", "serve", "chat"):
+    p.set_defaults(handler=_lazy_handler("tasks.evaluate", "eval_main"))
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a web chat page")
+    add_serve_arguments(p)
+    p.set_defaults(handler=_lazy_handler("infer.server", "serve_main"))
+    p = sub.add_parser("chat", help="interactive chat with a checkpoint in the terminal")
+    add_chat_arguments(p)
+    p.set_defaults(handler=_lazy_handler("infer.chat", "chat_main"))
+    for name in ("sft", "grpo", "distill"):
         p = sub.add_parser(name, help=f"{helps[name]} (coming soon, issue {COMING_SOON[name]})")
         p.set_defaults(handler=_stub(name), accepts_any=True)
     return parser

@@ -7,9 +7,20 @@
     [c] = engine.generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=20))
 """
 
-from .cache import SlotCacheView, SlotLatentCache
-from .engine import Completion, Engine, EngineStats, TokenEvent
-from .sampling import GenerationError, SamplingParams, sample_tokens, sampling_probs, verify_draft
+import importlib
+
+_EXPORTS = {"SlotCacheView": "cache", "SlotLatentCache": "cache", "Completion": "engine", "Engine": "engine",
+            "EngineStats": "engine", "TokenEvent": "engine", "GenerationError": "sampling",
+            "SamplingParams": "sampling", "sample_tokens": "sampling", "sampling_probs": "sampling",
+            "verify_draft": "sampling"}
+
+
+def __getattr__(name: str):
+    # Lazy, so that `nanoseek.infer.cli` (argument definitions) imports without torch.
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["Engine", "EngineStats", "Completion", "TokenEvent", "SamplingParams", "GenerationError",
            "SlotLatentCache", "SlotCacheView", "sample_tokens", "sampling_probs", "verify_draft"]

@@ -1,12 +1,6 @@
-"""``nanoseek generate``: load a checkpoint and its tokenizer, stream a completion to stdout.
-
-Wiring (in ``nanoseek/cli.py``)::
-
-    from .infer.cli import add_generate_arguments, generate_main
-    p = sub.add_parser("generate", help="generate text from a checkpoint")
-    add_generate_arguments(p)
-    p.set_defaults(handler=generate_main)
-"""
+"""The inference commands' arguments (generate, serve, chat), the shared checkpoint loader, and
+``nanoseek generate``. Importing this module stays light (no torch, no FastAPI) so that building
+the CLI parser is fast; handlers import what they need when they run."""
 
 from __future__ import annotations
 
@@ -33,6 +27,42 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="cache length (default: prompt + max tokens)")
     p.add_argument("--stats", action="store_true", help="print engine statistics to stderr at the end")
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt", required=True, help="checkpoint directory (config.json, *.safetensors, tokenizer.json)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $NANOSEEK_API_KEY, else none)")
+    p.add_argument("--model-name", default=None,
+                   help="the model id clients use (default: the checkpoint folder's name)")
+    p.add_argument("--max-slots", type=int, default=16, help="requests decoded together (cache slots; default 16)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests that may wait for a slot; more get a 429 (default 64)")
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="context per request, prompt + completion (default: the model's, at most 8192)")
+    p.add_argument("--speculative", action="store_true", help="MTP speculative decoding (needs MTP weights)")
+    p.add_argument("--device", default="auto", help="auto, cuda, xpu, npu, mps or cpu (default auto)")
+    p.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto",
+                   help="weights and cache dtype (default: the checkpoint's)")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                   help="uvicorn log level (default info)")
+
+
+def add_chat_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt", required=True, help="checkpoint directory (config.json, *.safetensors, tokenizer.json)")
+    p.add_argument("--system", default=None, help="a system prompt for the whole conversation")
+    p.add_argument("--temperature", type=float, default=0.7, help="0 means greedy (default 0.7)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1.0: off)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (default 0: off)")
+    p.add_argument("--max-tokens", type=int, default=512, help="tokens per reply at most (default 512)")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible replies")
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="context length: prompt + reply (default: the model's, at most 8192)")
+    p.add_argument("--device", default="auto", help="auto, cuda, xpu, npu, mps or cpu (default auto)")
+    p.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto",
+                   help="weights and cache dtype (default: the checkpoint's)")
 
 
 def load_for_inference(ckpt: str, device: str | None = "auto", dtype: str | None = "auto"):
