@@ -41,6 +41,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .errors import CheckpointError
+from .fsutil import fsync_path, write_json_durable
 
 __all__ = ["load", "save", "parse_size"]
 
@@ -97,27 +98,6 @@ def parse_size(size: int | str) -> int:
     if out <= 0:
         raise CheckpointError(f"max_shard_size must be positive, got {size!r}")
     return out
-
-
-def _fsync_path(path: Path) -> None:
-    """fsync a file or a directory (directories cannot be opened on some platforms; then skip)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_json(path: Path, data: Any) -> None:
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 def _listing(names: list[str]) -> str:
@@ -657,20 +637,20 @@ def save(model: nn.Module, path: str | os.PathLike, max_shard_size: int | str = 
             tensors = {key: make() for key, _, make in shard}
             # module attribute lookup (not a from-import) so that tests can patch it
             safetensors.torch.save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
-            _fsync_path(tmp / fname)
+            fsync_path(tmp / fname)
             for key, size, _ in shard:
                 weight_map[key] = fname
                 total += size
             del tensors
         if n > 1:
-            _write_json(tmp / INDEX_FILE, {"metadata": {"total_size": total},
+            write_json_durable(tmp / INDEX_FILE, {"metadata": {"total_size": total},
                                            "weight_map": dict(sorted(weight_map.items()))})
         cfg.save(tmp / "config.json", dtype=_dtype_name(out_dtype))
-        _fsync_path(tmp / "config.json")
+        fsync_path(tmp / "config.json")
         gen = {"_from_model_config": True, "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
         if cfg.pad_token_id is not None:
             gen["pad_token_id"] = cfg.pad_token_id
-        _write_json(tmp / "generation_config.json", gen)
+        write_json_durable(tmp / "generation_config.json", gen)
         if target.is_dir():  # keep the side files (tokenizer, README, ...) of the old checkpoint
             for item in target.iterdir():
                 if _is_checkpoint_file(item.name) or (tmp / item.name).exists():
@@ -679,7 +659,7 @@ def save(model: nn.Module, path: str | os.PathLike, max_shard_size: int | str = 
                     shutil.copytree(item, tmp / item.name, symlinks=True)
                 else:
                     shutil.copy2(item, tmp / item.name, follow_symlinks=False)
-        _fsync_path(tmp)
+        fsync_path(tmp)
         _swap_into_place(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -700,6 +680,6 @@ def _swap_into_place(tmp: Path, target: Path) -> None:
         if old is not None:
             os.rename(old, target)  # put the previous checkpoint back
         raise
-    _fsync_path(parent)
+    fsync_path(parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

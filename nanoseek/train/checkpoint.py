@@ -34,6 +34,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from ..fsutil import fsync_path, write_json_durable
 from ..errors import CheckpointError
 from .faults import maybe_fault
 
@@ -77,27 +78,9 @@ def latest_checkpoint(run_dir: str | os.PathLike, cleanup: bool = True) -> Path 
 
 
 # ----------------------------------------------------------------------------- writing
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError as exc:  # some filesystems refuse fsync on directories; that is not an error
-        if not path.is_dir():
-            raise exc
-    finally:
-        os.close(fd)
-
-
-def _write_json(path: Path, data: Any) -> None:
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     safetensors.torch.save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
-    _fsync(path)
+    fsync_path(path)
 
 
 def _optimizer_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -148,23 +131,23 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module, opt
                 src = Path(tokenizer_dir) / name
                 if src.is_file():
                     shutil.copyfile(src, tmp / MODEL_DIR / name)
-                    _fsync(tmp / MODEL_DIR / name)
-        _fsync(tmp / MODEL_DIR)
+                    fsync_path(tmp / MODEL_DIR / name)
+        fsync_path(tmp / MODEL_DIR)
         tensors, meta = _optimizer_files(optimizer)
         _save_tensors(tmp / "optimizer.safetensors", tensors)
-        _write_json(tmp / "optimizer.json", meta)
+        write_json_durable(tmp / "optimizer.json", meta)
         maybe_fault("kill_in_checkpoint", step)  # TEST-ONLY: SIGKILL with half a checkpoint written
         rng_tensors, rng_meta = _rng_states(device)
         _save_tensors(tmp / "rng.safetensors", rng_tensors)
-        _write_json(tmp / "rng.json", rng_meta)
-        _write_json(tmp / TRAINER_STATE, dict(trainer_state, step=step))
-        _fsync(tmp)
+        write_json_durable(tmp / "rng.json", rng_meta)
+        write_json_durable(tmp / TRAINER_STATE, dict(trainer_state, step=step))
+        fsync_path(tmp)
         old = None
         if final.exists():  # only when a step is re-checkpointed; keep it until the new one is in place
             old = final.with_name(f"{final.name}.old-{uuid.uuid4().hex[:8]}")
             os.rename(final, old)
         os.rename(tmp, final)
-        _fsync(final.parent)
+        fsync_path(final.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except OSError as exc:
