@@ -17,13 +17,13 @@ from .errors import NanoseekError
 
 # Commands whose implementation has not landed yet, with the issue that tracks each.
 COMING_SOON = {
-    "sft": 5, "grpo": 5, "distill": 5, "speedrun": 5,
+    "sft": 5, "distill": 5, "speedrun": 5,
 }
 STAGES = (  # what the speedrun will run, in order, and where each stands
     ("tokenizer", "nanoseek tokenizer train", None),
     ("pretrain", "nanoseek pretrain", None),
     ("sft (cold start)", "nanoseek sft", 5),
-    ("grpo (reasoning RL)", "nanoseek grpo", 5),
+    ("grpo (reasoning RL)", "nanoseek grpo", None),
     ("distill", "nanoseek distill", 5),
     ("eval", "nanoseek eval", None),
     ("serve / chat", "nanoseek serve", None),
@@ -294,7 +294,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="interactive chat with a checkpoint in the terminal")
     add_chat_arguments(p)
     p.set_defaults(handler=_lazy_handler("infer.chat", "chat_main"))
-    for name in ("sft", "grpo", "distill"):
+    from .rl.cli import add_grpo_arguments
+
+    p = sub.add_parser("grpo", help="GRPO reasoning RL with rule-based rewards (R1 recipe; DAPO / Dr. GRPO options)",
+                       description="GRPO from an SFT (or pretrained) checkpoint on a verifiable task. Unset "
+                                   "options take the GRPORunConfig defaults (or, with --resume, the run's own).")
+    add_grpo_arguments(p)
+    p.set_defaults(handler=_lazy_handler("rl.cli", "grpo_main"))
+    for name in ("sft", "distill"):
         p = sub.add_parser(name, help=f"{helps[name]} (coming soon, issue {COMING_SOON[name]})")
         p.set_defaults(handler=_stub(name), accepts_any=True)
     return parser

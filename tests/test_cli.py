@@ -57,7 +57,7 @@ def test_info_text_from_config_file(tmp_path, capsys):
     assert "total parameters" in out and "KV cache" in out
 
 
-@pytest.mark.parametrize("cmd,issue", [("grpo", 5), ("sft", 5)])
+@pytest.mark.parametrize("cmd,issue", [("sft", 5)])
 def test_unbuilt_commands_say_so(cmd, issue, capsys):
     assert main([cmd, "--some-flag", "x"]) == 2
     err = capsys.readouterr().err.strip()

@@ -1,1 +1,3 @@
-"""Reinforcement learning for reasoning (DeepSeek-R1 recipe): the GRPO objective and its variants."""
+"""Reinforcement learning for reasoning (DeepSeek-R1 recipe): the GRPO objective and its variants
+(:mod:`.objective`), the GRPO loop (:mod:`.grpo`), the RL guard (:mod:`.guard`) and ``nanoseek grpo``
+(:mod:`.cli`)."""

@@ -111,11 +111,12 @@ def score(task: Task, problems: Sequence[Problem], completions: Sequence[Sequenc
 
 def evaluate(engine, tokenizer, task: Task | str, n_problems: int = 200, difficulty: int = 1,
              samples: int = 1, k: int = 1, temperature: float = 0.0, max_tokens: int = 256,
-             seed: int = 0) -> EvalResult:
+             seed: int = 0, prompt_fn=chat_prompt) -> EvalResult:
     """Generate ``samples`` completions per held-out problem with the shared engine and score them.
 
     With ``samples == 1`` and temperature 0 this is greedy accuracy; for pass@k / maj@k use
-    ``samples >= k`` and a temperature > 0.
+    ``samples >= k`` and a temperature > 0. ``prompt_fn(tokenizer, problem) -> str`` builds the prompt
+    (default: the chat form; a base model is asked in its pretraining format instead).
     """
     from ..infer.sampling import SamplingParams  # the engine's own parameter type
 
@@ -125,7 +126,7 @@ def evaluate(engine, tokenizer, task: Task | str, n_problems: int = 200, difficu
     problems = eval_problems(task, n_problems, difficulty, seed)
     prompts, params = [], []
     for i, problem in enumerate(problems):
-        text = chat_prompt(tokenizer, problem)
+        text = prompt_fn(tokenizer, problem)
         for j in range(samples):
             prompts.append(text)
             params.append(SamplingParams(temperature=temperature, max_tokens=max_tokens,

@@ -1,0 +1,372 @@
+"""Early warning of reward hacking and collapse during GRPO (the RL counterpart of the training guard).
+
+R1 avoided neural reward models because "the neural reward model may suffer from reward hacking"
+(arXiv 2501.12948 §2.2.2); rule-based rewards can be gamed too (a perfect format with a wrong answer,
+padding the output until it hits the budget, repeating one token). After every GRPO step the trainer
+hands this guard the step's health signals::
+
+    guard = RLGuard(RLGuardConfig(), run_dir / "incidents.jsonl")
+    decision = guard.check(step, signals, completion_token_ids)
+    if decision.action == "rollback":   # reload the last checkpoint and move on to the next prompts
+        guard.note_rollback(step, to_step)
+    else:                               # "ok" or "warn": the step stands
+        guard.accept(signals)
+
+``signals`` is a dict with (any may be ``None`` / missing, its detectors are then skipped)
+``accuracy``, ``format_rate``, ``response_length`` (mean generated tokens), ``truncation_rate``
+(share of completions that hit ``max_tokens``), ``kl`` (k3 KL to the reference) and ``entropy``
+(mean token entropy of the policy on its samples).
+
+Detectors (kinds in ``incidents.jsonl``; each compares the step with the last ``window`` ACCEPTED
+steps, held in :class:`~nanoseek.train.guard.RobustWindow` s, once ``min_history`` are known unless
+noted):
+
+- ``reward_hacking``: over the window plus this step, the least-squares trend of the format rate
+  rises by at least ``hacking_format_rise`` while the accuracy trend falls by at least
+  ``hacking_accuracy_drop`` (the model learns to please the format check instead of solving);
+- ``length_explosion``: the mean length is more than ``length_zscore`` robust sigmas above the
+  window median AND at least ``length_min_ratio`` × that median; or at least
+  ``truncation_fraction`` of the completions hit ``max_tokens`` while the window median was below it;
+- ``kl_blowup``: KL above ``kl_max`` (no history needed), or KL ≥ ``kl_min`` and more than
+  ``kl_zscore`` robust sigmas above the window median;
+- ``entropy_collapse``: entropy below ``entropy_floor`` (no history needed), or below
+  ``entropy_drop_ratio`` × the window median (falling fast);
+- ``repetition``: more than ``repeat_fraction`` of the completions (those with at least
+  ``repeat_min_tokens`` tokens) are degenerate: one run of a repeated token or of a repeated
+  n-gram (n ≤ ``repeat_ngram``) covers more than ``repeat_coverage`` of the completion
+  (:func:`repetition_coverage`). No history needed.
+
+A ``"warn"`` incident is reported when its condition starts; while the same kind keeps firing on
+the following steps nothing new is written (the metrics show it), and it is reported again once it
+has cleared and returns. A ``"rollback"`` incident is reported every time.
+
+Responses are per kind, ``"warn"`` (log and carry on) or ``"rollback"`` (the trainer reloads the
+last checkpoint: weights, optimizer, guard windows; the prompt stream is NOT rewound, so the run
+moves on to new prompts). Incidents are written and printed by a
+:class:`~nanoseek.train.guard.TrainingGuard` (same JSON lines, same ``[guard] step N: ...`` console
+line, same rollback accounting: more than ``max_rollbacks`` rollbacks stop the run).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from ..errors import ConfigError, NanoseekError
+from ..train.guard import SEVERITY, Decision, GuardConfig, RobustWindow, TrainingGuard, _fmt
+
+RL_POLICIES = ("warn", "rollback")
+RL_KINDS = ("reward_hacking", "length_explosion", "kl_blowup", "entropy_collapse", "repetition")
+SIGNALS = ("accuracy", "format_rate", "response_length", "truncation_rate", "kl", "entropy")
+POLICY_FIELDS = ("on_hacking", "on_length", "on_kl", "on_entropy", "on_repetition")
+
+
+@dataclass
+class RLGuardConfig:
+    window: int = 20
+    min_history: int = 5
+    # reward hacking: format up while accuracy down (fitted change over window + this step)
+    hacking_format_rise: float = 0.2
+    hacking_accuracy_drop: float = 0.1
+    # response-length explosion
+    length_zscore: float = 6.0
+    length_min_ratio: float = 1.5
+    truncation_fraction: float = 0.5
+    # KL blow-up
+    kl_max: float = 1.0
+    kl_min: float = 0.05
+    kl_zscore: float = 8.0
+    # entropy collapse
+    entropy_floor: float = 0.03
+    entropy_drop_ratio: float = 0.5
+    # degenerate repetition
+    repeat_coverage: float = 0.5
+    repeat_ngram: int = 4
+    repeat_min_tokens: int = 8
+    repeat_fraction: float = 0.5
+    # responses
+    on_hacking: str = "warn"
+    on_length: str = "warn"
+    on_kl: str = "warn"
+    on_entropy: str = "warn"
+    on_repetition: str = "warn"
+    max_rollbacks: int = 3
+
+    def __post_init__(self) -> None:
+        for name in POLICY_FIELDS:
+            if getattr(self, name) not in RL_POLICIES:
+                raise ConfigError(f"RLGuardConfig.{name} = {getattr(self, name)!r}: choose from "
+                                  f"{', '.join(RL_POLICIES)}")
+
+        def need(name: str, ok: bool, what: str) -> None:
+            if not ok:
+                raise ConfigError(f"RLGuardConfig.{name} = {getattr(self, name)!r}: must be {what}")
+
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        need("window", is_int(self.window) and self.window >= 2, "an integer >= 2")
+        need("min_history", is_int(self.min_history) and 2 <= self.min_history <= self.window,
+             f"an integer in [2, window={self.window}]")
+        for name in ("hacking_format_rise", "hacking_accuracy_drop", "length_zscore", "kl_max",
+                     "kl_zscore"):
+            need(name, getattr(self, name) > 0, "> 0")
+        need("length_min_ratio", self.length_min_ratio >= 1, ">= 1")
+        for name in ("truncation_fraction", "repeat_coverage", "repeat_fraction"):
+            need(name, 0 < getattr(self, name) <= 1, "in (0, 1]")
+        need("entropy_drop_ratio", 0 < self.entropy_drop_ratio < 1, "in (0, 1)")
+        need("entropy_floor", self.entropy_floor >= 0, ">= 0")
+        need("kl_min", self.kl_min >= 0, ">= 0")
+        need("repeat_ngram", is_int(self.repeat_ngram) and self.repeat_ngram >= 1, "an integer >= 1")
+        need("repeat_min_tokens", is_int(self.repeat_min_tokens) and self.repeat_min_tokens >= 2,
+             "an integer >= 2")
+        need("max_rollbacks", is_int(self.max_rollbacks) and self.max_rollbacks >= 0, "an integer >= 0")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "RLGuardConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown RL guard field(s): {', '.join(unknown)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------- series helpers
+def fitted_change(values: Sequence[float]) -> float:
+    """Change over the series predicted by its least-squares line: slope × (n − 1) (0 for n < 2).
+
+    Less noisy than last − first: every point pulls on the slope."""
+    n = len(values)
+    if n < 2:
+        return 0.0
+    mean_x = (n - 1) / 2
+    mean_y = sum(values) / n
+    sxx = sum((i - mean_x) ** 2 for i in range(n))
+    sxy = sum((i - mean_x) * (v - mean_y) for i, v in enumerate(values))
+    return sxy / sxx * (n - 1)
+
+
+def repetition_coverage(tokens: Sequence[int], max_ngram: int = 4) -> float:
+    """Share of ``tokens`` covered by its longest run of one repeated n-gram (n = 1..``max_ngram``).
+
+    A run of period n is a stretch where every token equals the one n places earlier; it covers
+    its length plus the n tokens of the first copy. ``[7, 7, 7, 7]`` → 1.0, ``[1, 2, 1, 2, 1, 2, 5, 6]``
+    → 6/8, a sequence with no repeats → 0. Linear in ``len(tokens) × max_ngram``.
+    """
+    n_tok = len(tokens)
+    if n_tok < 2:
+        return 0.0
+    best = 0
+    for n in range(1, min(max_ngram, n_tok - 1) + 1):
+        run = 0
+        for i in range(n, n_tok):
+            if tokens[i] == tokens[i - n]:
+                run += 1
+                if run + n > best:
+                    best = run + n
+            else:
+                run = 0
+    return best / n_tok
+
+
+def degenerate_fraction(completions: Sequence[Sequence[int]], coverage: float = 0.5, max_ngram: int = 4,
+                        min_tokens: int = 8) -> tuple[float, int]:
+    """``(share of degenerate completions, completions judged)``: completions with at least
+    ``min_tokens`` tokens whose :func:`repetition_coverage` exceeds ``coverage``."""
+    judged = [c for c in completions if len(c) >= min_tokens]
+    if not judged:
+        return 0.0, 0
+    bad = sum(repetition_coverage(c, max_ngram) > coverage for c in judged)
+    return bad / len(judged), len(judged)
+
+
+def _num(x: Any) -> float | None:
+    if x is None or isinstance(x, bool):
+        return None
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+# --------------------------------------------------------------------------- the guard
+class RLGuard:
+    """Judges each GRPO step after its update (see the module docstring for the protocol)."""
+
+    def __init__(self, config: RLGuardConfig, incidents_path: Path | None, log: Callable[[str], Any] = print):
+        if not isinstance(config, RLGuardConfig):
+            raise TypeError(f"config must be an RLGuardConfig, got {type(config).__name__}")
+        self.config = config
+        # The training guard writes and prints incidents and counts rollbacks; its own detectors
+        # (loss spikes etc.) are not used here.
+        self._base = TrainingGuard(GuardConfig(max_rollbacks=config.max_rollbacks), incidents_path, log)
+        self.windows = {name: RobustWindow(config.window) for name in SIGNALS}
+        self.last_repetition: float | None = None
+        self._active: set[str] = set()  # warn kinds that fired on the last judged step
+
+    @property
+    def log(self) -> Callable[[str], Any]:
+        return self._base.log
+
+    @log.setter
+    def log(self, fn: Callable[[str], Any]) -> None:
+        self._base.log = fn
+
+    @property
+    def rollbacks(self) -> int:
+        return self._base.rollbacks
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return self._base.counts
+
+    @property
+    def recent(self) -> list[dict]:
+        return self._base.recent
+
+    # -- detectors
+    def _ready(self, name: str) -> bool:
+        return len(self.windows[name]) >= self.config.min_history
+
+    def _hacking(self, step: int, acc: float | None, fmt: float | None) -> list[dict]:
+        cfg = self.config
+        if acc is None or fmt is None or not (self._ready("accuracy") and self._ready("format_rate")):
+            return []
+        d_fmt = fitted_change(self.windows["format_rate"].values + [fmt])
+        d_acc = fitted_change(self.windows["accuracy"].values + [acc])
+        if d_fmt >= cfg.hacking_format_rise and d_acc <= -cfg.hacking_accuracy_drop:
+            n = len(self.windows["format_rate"]) + 1
+            return [self._base._incident(
+                step, "reward_hacking", d_fmt, cfg.hacking_format_rise,
+                f"over the last {n} steps the format rate trend rose by {d_fmt:+.3f} (now {fmt:.3f}) while "
+                f"accuracy fell by {d_acc:+.3f} (now {acc:.3f}): the format reward may be gamed",
+                cfg.on_hacking)]
+        return []
+
+    def _length(self, step: int, length: float | None, trunc: float | None) -> list[dict]:
+        cfg = self.config
+        out = []
+        w = self.windows["response_length"]
+        if length is not None and self._ready("response_length"):
+            z, med = w.zscore(length), w.median()
+            if z > cfg.length_zscore and length >= cfg.length_min_ratio * med:
+                out.append(self._base._incident(
+                    step, "length_explosion", z, cfg.length_zscore,
+                    f"mean response length {length:.1f} is {z:.1f} robust sigmas above (and "
+                    f"{length / max(med, 1e-9):.2f}x) the median {med:.1f} of the last {len(w)} steps",
+                    cfg.on_length))
+        t = self.windows["truncation_rate"]
+        if not out and trunc is not None and self._ready("truncation_rate"):
+            med = t.median()
+            if trunc >= cfg.truncation_fraction > med:
+                out.append(self._base._incident(
+                    step, "length_explosion", trunc, cfg.truncation_fraction,
+                    f"{trunc:.0%} of the completions hit max_tokens (median of the last {len(t)} steps: "
+                    f"{med:.0%})", cfg.on_length))
+        return out
+
+    def _kl(self, step: int, kl: float | None) -> list[dict]:
+        cfg = self.config
+        if kl is None:
+            return []
+        w = self.windows["kl"]
+        if kl > cfg.kl_max:
+            return [self._base._incident(step, "kl_blowup", kl, cfg.kl_max,
+                                         f"KL to the reference {_fmt(kl)} exceeds {cfg.kl_max:g}", cfg.on_kl)]
+        if kl >= cfg.kl_min and self._ready("kl"):
+            z = w.zscore(kl)
+            if z > cfg.kl_zscore:
+                return [self._base._incident(
+                    step, "kl_blowup", z, cfg.kl_zscore,
+                    f"KL to the reference {_fmt(kl)} is {z:.1f} robust sigmas above the median "
+                    f"{_fmt(w.median())} of the last {len(w)} steps", cfg.on_kl)]
+        return []
+
+    def _entropy(self, step: int, ent: float | None) -> list[dict]:
+        cfg = self.config
+        if ent is None:
+            return []
+        w = self.windows["entropy"]
+        if ent < cfg.entropy_floor:
+            return [self._base._incident(step, "entropy_collapse", ent, cfg.entropy_floor,
+                                         f"policy entropy {_fmt(ent)} nats/token fell below the floor "
+                                         f"{cfg.entropy_floor:g}", cfg.on_entropy)]
+        if self._ready("entropy"):
+            med = w.median()
+            if med > 0 and ent < cfg.entropy_drop_ratio * med:
+                return [self._base._incident(
+                    step, "entropy_collapse", ent, cfg.entropy_drop_ratio * med,
+                    f"policy entropy {_fmt(ent)} nats/token is {ent / med:.2f}x the median {_fmt(med)} of the "
+                    f"last {len(w)} steps (falling fast)", cfg.on_entropy)]
+        return []
+
+    def _repetition(self, step: int, completions: Sequence[Sequence[int]] | None) -> tuple[list[dict], float | None]:
+        cfg = self.config
+        if completions is None:
+            return [], None
+        frac, judged = degenerate_fraction(completions, cfg.repeat_coverage, cfg.repeat_ngram,
+                                           cfg.repeat_min_tokens)
+        if judged and frac > cfg.repeat_fraction:
+            return [self._base._incident(
+                step, "repetition", frac, cfg.repeat_fraction,
+                f"{frac:.0%} of {judged} completions are degenerate (one repeated token or n-gram, n <= "
+                f"{cfg.repeat_ngram}, covers more than {cfg.repeat_coverage:.0%} of the text)",
+                cfg.on_repetition)], frac
+        return [], frac if judged else None
+
+    def check(self, step: int, signals: Mapping[str, Any],
+              completions: Sequence[Sequence[int]] | None = None) -> Decision:
+        """Judge step ``step`` from its ``signals`` (and the completions' token ids, for repetition).
+
+        Records and prints every incident; returns the most severe action ("ok" when none). The
+        share of degenerate completions is available afterwards as :attr:`last_repetition`."""
+        s = {name: _num(signals.get(name)) for name in SIGNALS}
+        incidents = self._hacking(step, s["accuracy"], s["format_rate"])
+        incidents += self._length(step, s["response_length"], s["truncation_rate"])
+        incidents += self._kl(step, s["kl"])
+        incidents += self._entropy(step, s["entropy"])
+        rep, self.last_repetition = self._repetition(step, completions)
+        incidents += rep
+        firing = {i["kind"] for i in incidents if i["action"] == "warn"}
+        incidents = [i for i in incidents if i["action"] != "warn" or i["kind"] not in self._active]
+        self._active = firing  # warnings already reported that keep firing stay quiet
+        action = max((i["action"] for i in incidents), key=SEVERITY.__getitem__, default="ok")
+        for inc in incidents:
+            self._base._record(inc)
+        return Decision(action=action, incidents=incidents)
+
+    def accept(self, signals: Mapping[str, Any]) -> None:
+        """Enter an applied (not rolled back) step's signals into the windows."""
+        for name in SIGNALS:
+            x = _num(signals.get(name))
+            if x is not None:
+                self.windows[name].push(x)
+
+    def note_rollback(self, step: int, to_step: int) -> None:
+        """Record a rollback (raises :class:`NanoseekError` past ``max_rollbacks``)."""
+        self._base.note_rollback(step, to_step)
+
+    # -- state
+    def state_dict(self) -> dict:
+        return {"version": 1, "windows": {k: w.state_dict() for k, w in self.windows.items()},
+                "active": sorted(self._active), "rollbacks": self._base.rollbacks,
+                "counts": dict(self._base.counts)}
+
+    def load_state_dict(self, d: Mapping[str, Any]) -> None:
+        """Restore a state; like the training guard, a rollback never lowers the rollback count."""
+        try:
+            for name, w in self.windows.items():
+                w.load_state_dict(d["windows"].get(name, {"values": []}))
+            self._active = {str(k) for k in d.get("active", [])}
+            self._base.rollbacks = max(self._base.rollbacks, int(d["rollbacks"]))
+            counts = {str(k): int(v) for k, v in d.get("counts", {}).items()}
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise NanoseekError(f"malformed RL-guard state: {exc!r}") from None
+        for kind, n in counts.items():
+            self._base.counts[kind] = max(self._base.counts.get(kind, 0), n)

@@ -1,0 +1,396 @@
+"""The GRPO loop, its RL guard and ``nanoseek grpo`` (tiny model, CPU, short generations)."""
+
+import json
+import math
+
+import pytest
+import torch
+
+import nanoseek
+from nanoseek.cli import main
+from nanoseek.data.tokenizer import padded_vocab_size, train_tokenizer
+from nanoseek.errors import NanoseekError
+from nanoseek.infer.cli import load_for_inference
+from nanoseek.infer.engine import Engine
+from nanoseek.infer.sampling import SamplingParams
+from nanoseek.rl import cli as rl_cli
+from nanoseek.rl import guard as rl_guard
+from nanoseek.rl import objective
+from nanoseek.rl.grpo import (GRPOTrainer, build_run_config, completion_logprobs, grpo, problem_seed,
+                              sample_seed)
+from nanoseek.rl.guard import RLGuard, RLGuardConfig, fitted_change, repetition_coverage
+from nanoseek.tasks import (SYSTEM_PROMPT, Problem, Task, Verdict, get_task, register_reward,
+                            register_task)
+from nanoseek.tasks.evaluate import EVAL_SEED_BASE, chat_prompt
+
+TASK = "test_first_lower"
+
+
+class FirstLowerTask(Task):
+    """A trivially learnable task: the reward (below) pays for a completion that starts with a
+    lowercase letter (about 20% of the tiny model's first samples)."""
+
+    name = TASK
+
+    def make_problem(self, rng, difficulty):
+        return Problem(prompt=f"Say word {rng.randint(0, 99)}.", answer="x")
+
+    def check(self, answer, fields):
+        return Verdict.WRONG
+
+
+def first_lower_reward(prompt, completion, fields):
+    return 1.0 if completion[:1].islower() else 0.0
+
+
+register_task(FirstLowerTask(), overwrite=True)
+register_reward(TASK, first_lower_reward, overwrite=True)
+QUIET = dict(log=lambda s: None)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def init_ckpt(tmp_path_factory):
+    """A tiny random policy with a tokenizer whose vocabulary is smaller than the model's (the
+    engine masks the padding ids; the trainer must do the same)."""
+    out = tmp_path_factory.mktemp("init")
+    texts = [SYSTEM_PROMPT] * 20 + [f"What is {a} + {b}? Give the answer as an integer. <think> {a}+{b} </think> "
+                                    f"<answer>{a + b}</answer>" for a in range(30) for b in range(5)]
+    tok = train_tokenizer(iter(texts), vocab_size=400, out_dir=None)
+    cfg = nanoseek.get_preset("tiny").replace(vocab_size=padded_vocab_size(tok.vocab_size),
+                                             max_position_embeddings=512, bos_token_id=tok.bos_id,
+                                             eos_token_id=tok.eos_id)
+    torch.manual_seed(0)
+    nanoseek.save(nanoseek.DeepSeekV3(cfg), out)
+    tok.save(out)
+    assert tok.vocab_size < cfg.vocab_size
+    return out
+
+
+def run_cfg(init_ckpt, **kw):
+    base = dict(init_from=str(init_ckpt), task=TASK, reward=TASK, steps=2, prompts_per_step=2, group_size=4,
+                max_tokens=4, lr=1e-2, beta=0.0, checkpoint_every=100, report=False, device="cpu")
+    base.update(kw)
+    return base
+
+
+def records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# ------------------------------------------------------------------------------ log-probs
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_engine_logprobs_equal_trainer_recomputed(init_ckpt, temperature):
+    model, tok = load_for_inference(str(init_ckpt), "cpu", "float32")
+    engine = Engine(model, tok, max_slots=8, max_seq_len=160)
+    problems = get_task("arithmetic").generate(3, 3, 1)
+    prompt_ids = [tok.encode(chat_prompt(tok, p)) for p in problems]
+    assert len({len(p) for p in prompt_ids}) > 1  # ragged prompts: padding is exercised
+    prompts = [p for p in prompt_ids for _ in range(3)]
+    params = [SamplingParams(temperature=temperature, max_tokens=12, seed=100 + i) for i in range(len(prompts))]
+    outs = engine.generate(prompts, params)
+    assert len({len(o.token_ids) for o in outs}) >= 1
+    with torch.no_grad():
+        logp, mask, ent = completion_logprobs(model, prompts, [o.token_ids for o in outs], temperature,
+                                              n_usable=tok.vocab_size, with_entropy=True)
+    diff = 0.0
+    for i, o in enumerate(outs):
+        n = len(o.token_ids)
+        assert mask[i].sum() == n
+        diff = max(diff, (logp[i, :n] - torch.tensor(o.logprobs)).abs().max().item())
+    assert diff <= 1e-5, diff
+    assert torch.isfinite(ent).all() and (ent[mask] > 0).all()
+
+
+# ------------------------------------------------------------------------------ learning
+def test_grpo_raises_reward_on_a_learnable_task_and_logs_everything(init_ckpt, tmp_path):
+    # Measured while developing (lr 1e-2, 20 steps, P=4, G=8): last-5 minus first-5 mean reward
+    # 0.64 / 0.73 / 0.71 for seeds 0 / 1 / 2 (beta 0.04: 0.43 / 0.55 / 0.55).
+    run = tmp_path / "run"
+    summary = grpo(run, **run_cfg(init_ckpt, steps=20, prompts_per_step=4, group_size=8, samples_every=10,
+                                  checkpoint_every=10, seed=0), **QUIET)
+    recs = records(run)
+    assert [r["step"] for r in recs] == list(range(1, 21))
+    rewards = [r["reward"] for r in recs]
+    margin = sum(rewards[-5:]) / 5 - sum(rewards[:5]) / 5
+    assert margin > 0.3, rewards
+    needed = ("stage", "step", "reward", "reward_std", "accuracy", "format_rate", "response_length",
+              "response_length_max", "truncation_rate", "zero_variance_frac", "kl", "clip_low", "clip_high",
+              "entropy", "samples_per_s", "tokens_per_s", "lr", "loss", "grad_norm", "groups_kept")
+    for r in recs:
+        assert all(k in r for k in needed), set(needed) - set(r)
+        assert r["stage"] == "grpo" and r["lr"] == 1e-2 and r["kl"] is None  # beta 0: no reference
+        assert 0 <= r["truncation_rate"] <= 1 and r["response_length_max"] <= 4
+        assert r["entropy"] > 0 and r["samples_per_s"] > 0
+    samples = [json.loads(x) for x in (run / "samples.jsonl").read_text().splitlines()]
+    assert {s["step"] for s in samples} == {1, 10, 20} and all("completion" in s and "reward" in s for s in samples)
+    cost = json.loads((run / "cost.json").read_text())["stages"]["grpo"]
+    assert cost["samples"] == 20 * 32 and cost["tokens"] > 0
+    assert summary["step"] == 20 and (run / "final" / "model.safetensors").is_file()
+    assert (run / "final" / "tokenizer.json").is_file()
+    final, _ = load_for_inference(str(run / "final"), "cpu", "float32")  # self-contained
+    assert final.config.vocab_size == 384
+    state = json.loads((run / "checkpoints" / "step_00000020" / "trainer_state.json").read_text())
+    assert {"step", "batch", "guard", "cost", "grpo_config", "metrics_bytes"} <= set(state)
+
+
+def test_seeds_are_deterministic_and_below_the_eval_range():
+    seeds = {problem_seed(s, b) for s in range(3) for b in range(200)}
+    assert len(seeds) == 600 and max(seeds) < EVAL_SEED_BASE
+    per_sample = {sample_seed(0, 5, p, g) for p in range(16) for g in range(16)}
+    assert len(per_sample) == 256 and sample_seed(0, 5, 1, 2) == sample_seed(0, 5, 1, 2)
+
+
+# ------------------------------------------------------------------------------ reference model
+def test_beta_keeps_a_frozen_reference_and_zero_beta_keeps_none(init_ckpt, tmp_path):
+    cfg = build_run_config(run_cfg(init_ckpt, beta=0.04, steps=2, prompts_per_step=4, group_size=8))
+    (tmp_path / "a").mkdir()
+    trainer = GRPOTrainer(cfg, tmp_path / "a", False, log=lambda s: None)
+    assert trainer.ref_model is not None and trainer.ref_model is not trainer.model
+    assert not any(p.requires_grad for p in trainer.ref_model.parameters())
+    before_ref = [p.detach().clone() for p in trainer.ref_model.parameters()]
+    before_pol = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.train()
+    assert all(torch.equal(a, b) for a, b in zip(before_ref, trainer.ref_model.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(before_pol, trainer.model.parameters()))
+    recs = records(tmp_path / "a")
+    assert recs[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # first update: policy == reference
+    assert recs[1]["kl"] > 0
+    (tmp_path / "b").mkdir()
+    no_ref = GRPOTrainer(build_run_config(run_cfg(init_ckpt, beta=0.0)), tmp_path / "b", False, log=lambda s: None)
+    assert no_ref.ref_model is None
+
+
+# ------------------------------------------------------------------------------ dynamic sampling
+def test_dynamic_sampling_drops_zero_variance_groups(init_ckpt, tmp_path):
+    cfg = build_run_config(run_cfg(init_ckpt, prompts_per_step=4, group_size=4, variant="dapo"))
+    assert cfg.dynamic_sampling and cfg.loss_mode == "token_mean" and cfg.eps_high == 0.28
+    trainer = GRPOTrainer(cfg, tmp_path, False, log=lambda s: None)
+    roll = trainer.rollout(0)
+    # scripted rewards: group 0 all right, group 1 all wrong, groups 2 and 3 mixed
+    roll.rewards = torch.tensor([1, 1, 1, 1, 0, 0, 0, 0, 1, 0, 0, 1, 0, 1, 0, 0], dtype=torch.float32)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    upd = trainer.update(roll, 0)
+    assert (upd["groups_kept"], upd["groups_dropped"], upd["update_skipped"]) == (2, 2, False)
+    assert upd["optimizer_steps"] == 1
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+    # no group left: the update is skipped and the weights stay
+    roll.rewards = torch.tensor([1.0] * 8 + [0.0] * 8)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    upd = trainer.update(roll, 1)
+    assert upd["update_skipped"] and upd["groups_kept"] == 0 and upd["entropy"] > 0
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+    # without dynamic sampling every group stays (zero-variance ones with zero advantage)
+    trainer.objective = trainer.objective.with_(dynamic_sampling=False)
+    assert trainer.update(roll, 2)["groups_kept"] == 4
+
+
+# ------------------------------------------------------------------------------ the RL guard
+def feed(guard, series, completions=None):
+    """Check then accept each step's signals; returns the actions."""
+    actions = []
+    for step, signals in enumerate(series, start=1):
+        d = guard.check(step, signals, completions)
+        actions.append(d.action)
+        if d.action != "rollback":
+            guard.accept(signals)
+    return actions
+
+
+def calm(n, **over):
+    out = []
+    for i in range(n):
+        wiggle = 0.01 * ((i * 7) % 5 - 2)
+        s = {"accuracy": 0.4 + wiggle, "format_rate": 0.6 - wiggle, "response_length": 50 + 10 * wiggle,
+             "truncation_rate": 0.05, "kl": 0.01 + wiggle / 10, "entropy": 1.5 + wiggle}
+        s.update({k: (v(i) if callable(v) else v) for k, v in over.items()})
+        out.append(s)
+    return out
+
+
+def test_guard_is_quiet_on_calm_and_on_healthy_learning(tmp_path):
+    guard = RLGuard(RLGuardConfig(), tmp_path / "incidents.jsonl", log=lambda s: None)
+    assert set(feed(guard, calm(30))) == {"ok"}
+    learning = calm(30, accuracy=lambda i: 0.1 + 0.02 * i, format_rate=lambda i: 0.2 + 0.02 * i,
+                    entropy=lambda i: 1.5 - 0.01 * i)
+    guard = RLGuard(RLGuardConfig(), None, log=lambda s: None)
+    assert set(feed(guard, learning, [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]] * 4)) == {"ok"}
+    assert not (tmp_path / "incidents.jsonl").exists()
+
+
+@pytest.mark.parametrize("kind,series,completions", [
+    ("reward_hacking", calm(16, format_rate=lambda i: 0.1 + 0.05 * i, accuracy=lambda i: 0.5 - 0.02 * i), None),
+    ("length_explosion", calm(10) + calm(1, response_length=200), None),
+    ("length_explosion", calm(10) + calm(1, truncation_rate=0.8), None),
+    ("kl_blowup", calm(10) + calm(1, kl=0.5), None),
+    ("kl_blowup", calm(1, kl=3.0), None),
+    ("entropy_collapse", calm(10) + calm(1, entropy=0.5), None),
+    ("entropy_collapse", calm(1, entropy=0.001), None),
+    ("repetition", calm(1), [[7] * 10, [1, 2, 1, 2, 1, 2, 1, 2, 1, 2], [3, 4, 5, 6, 7, 8, 9, 10]]),
+])
+def test_guard_detectors_fire_on_synthetic_series(tmp_path, kind, series, completions):
+    lines = []
+    path = tmp_path / "incidents.jsonl"
+    guard = RLGuard(RLGuardConfig(), path, log=lines.append)
+    actions = feed(guard, series, completions)
+    assert "warn" in actions and set(actions) <= {"ok", "warn"}
+    incidents = [json.loads(x) for x in path.read_text().splitlines()]
+    assert [i["kind"] for i in incidents] == [kind]
+    step = actions.index("warn") + 1
+    assert incidents[0]["step"] == step and (kind == "reward_hacking" or step == len(series))
+    assert set(incidents[0]) == {"time", "step", "kind", "value", "threshold", "detail", "action"}
+    assert lines == [f"[guard] step {step}: {kind}: {incidents[0]['detail']} -> warn"]
+
+
+def test_guard_rollback_policy_state_and_limit(tmp_path):
+    cfg = RLGuardConfig(on_entropy="rollback", max_rollbacks=1)
+    guard = RLGuard(cfg, tmp_path / "incidents.jsonl", log=lambda s: None)
+    assert feed(guard, calm(6)) == ["ok"] * 6
+    state = json.loads(json.dumps(guard.state_dict()))
+    decision = guard.check(7, calm(1, entropy=0.001)[0])
+    assert decision.action == "rollback" and not decision.apply_update
+    guard.note_rollback(7, 5)
+    fresh = RLGuard(cfg, None, log=lambda s: None)
+    fresh.load_state_dict(state)
+    assert fresh.windows["entropy"].values == guard.windows["entropy"].values
+    with pytest.raises(NanoseekError, match="rollbacks"):
+        guard.note_rollback(8, 5)
+    with pytest.raises(Exception, match="on_kl"):
+        RLGuardConfig(on_kl="skip")
+
+
+def test_guard_helpers():
+    assert repetition_coverage([7, 7, 7, 7]) == 1.0
+    assert repetition_coverage([1, 2, 1, 2, 1, 2, 5, 6]) == 6 / 8
+    assert repetition_coverage([1, 2, 3, 4, 5]) == 0.0 and repetition_coverage([]) == 0.0
+    assert fitted_change([0.0, 1.0, 2.0, 3.0]) == pytest.approx(3.0)
+    assert fitted_change([1.0, 1.0, 1.0]) == 0.0
+
+
+def test_guard_rollback_in_the_loop_moves_on_to_new_prompts(init_ckpt, tmp_path):
+    guard = dict(on_entropy="rollback", entropy_floor=100.0, max_rollbacks=1)  # entropy always "collapsed"
+    with pytest.raises(NanoseekError, match="rollbacks"):
+        grpo(tmp_path, **run_cfg(init_ckpt, guard=guard), **QUIET)
+    recs = records(tmp_path)
+    assert [(r["step"], r["action"], r["batch"]) for r in recs] == [(1, "rollback", 0), (1, "rollback", 1)]
+    kinds = [json.loads(x)["kind"] for x in (tmp_path / "incidents.jsonl").read_text().splitlines()]
+    assert kinds == ["entropy_collapse", "rollback", "entropy_collapse", "rollback"]
+
+
+# ------------------------------------------------------------------------------ resume
+DETERMINISTIC = ("reward", "reward_std", "accuracy", "format_rate", "response_length", "truncation_rate",
+                 "zero_variance_frac", "kl", "clip_low", "clip_high", "entropy", "loss", "grad_norm", "batch")
+
+
+def test_resume_reproduces_the_uninterrupted_run(init_ckpt, tmp_path):
+    kw = run_cfg(init_ckpt, beta=0.04, mu=2, checkpoint_every=2)
+    grpo(tmp_path / "a", **dict(kw, steps=4), **QUIET)
+    grpo(tmp_path / "b", **dict(kw, steps=2), **QUIET)
+    with pytest.raises(NanoseekError, match="--resume"):
+        grpo(tmp_path / "b", **dict(kw, steps=4), **QUIET)
+    with pytest.raises(NanoseekError, match="cannot change"):
+        grpo(tmp_path / "b", resume=True, **dict(kw, steps=4, lr=1e-3), **QUIET)
+    grpo(tmp_path / "b", resume=True, steps=4, **QUIET)
+    a, b = records(tmp_path / "a"), records(tmp_path / "b")
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b):
+        assert {k: ra[k] for k in DETERMINISTIC} == {k: rb[k] for k in DETERMINISTIC}
+    assert a[3]["kl"] > 0
+    wa = nanoseek.load(tmp_path / "a" / "final").state_dict()
+    wb = nanoseek.load(tmp_path / "b" / "final").state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+# ------------------------------------------------------------------------------ CLI
+def test_cli_bad_input_exits_2_with_one_line(init_ckpt, tmp_path, capsys):
+    assert main(["grpo", "--init-from", str(init_ckpt), "--task", "nope", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: unknown task 'nope'")
+    assert main(["grpo", "--init-from", str(tmp_path / "missing"), "--task", "arithmetic",
+                 "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --init-from") and "missing" in err[0]
+    assert main(["grpo", "--init-from", str(init_ckpt), "--task", "arithmetic", "--reward", "nope",
+                 "--out", str(tmp_path / "r")]) == 2
+    assert capsys.readouterr().err.startswith("error: unknown reward 'nope'")
+    assert main(["grpo", "--out", str(tmp_path / "r2"), "--resume"]) == 2
+    assert "no GRPO checkpoint" in capsys.readouterr().err
+
+
+def test_cli_runs_a_step_with_the_chosen_options(init_ckpt, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["grpo", "--init-from", str(init_ckpt), "--task", "arithmetic:2", "--out", str(out), "--steps", "1",
+                 "--prompts-per-step", "2", "--group-size", "2", "--max-tokens", "3", "--dapo",
+                 "--on-hacking", "rollback", "--on-kl", "warn", "--no-report", "--device", "cpu"]) == 0
+    assert "final policy" in capsys.readouterr().out
+    cfg = json.loads((out / "grpo_config.json").read_text())
+    assert (cfg["task"], cfg["difficulty"], cfg["variant"], cfg["beta"], cfg["eps_high"]) == \
+        ("arithmetic", 2, "dapo", 0.0, 0.28)
+    assert cfg["guard"]["on_entropy"] == "rollback" and cfg["guard"]["on_kl"] == "warn"
+    assert records(out)[0]["step"] == 1
+
+
+def test_cli_mirrors_agree_with_the_modules():
+    assert rl_cli.LOSS_MODES == objective.LOSS_MODES
+    assert rl_cli.RL_POLICIES == rl_guard.RL_POLICIES
+    assert tuple(f"on_{k}" for k in rl_cli.GUARD_KINDS) == rl_guard.POLICY_FIELDS
+
+
+def test_config_validation(init_ckpt):
+    with pytest.raises(Exception, match="difficulty"):
+        build_run_config(run_cfg(init_ckpt, task="arithmetic:x"))
+    with pytest.raises(Exception, match="minibatches"):
+        build_run_config(run_cfg(init_ckpt, minibatches=3))
+    dr = build_run_config(run_cfg(init_ckpt, variant="dr_grpo", max_tokens=6))
+    assert dr.loss_mode == "constant" and dr.loss_max_len == 6 and not dr.scale_adv_by_std
+    assert math.isclose(build_run_config(run_cfg(init_ckpt, variant="dapo", beta=0.01)).beta, 0.01)
+
+
+def test_router_biases_stay_fixed_unless_a_bias_update_speed_is_given(init_ckpt, tmp_path):
+    for speed, moved in ((0.0, False), (0.01, True)):
+        cfg = build_run_config(run_cfg(init_ckpt, prompts_per_step=2, group_size=4, bias_update_speed=speed))
+        (tmp_path / str(speed)).mkdir()
+        trainer = GRPOTrainer(cfg, tmp_path / str(speed), False, log=lambda s: None)
+        before = [r.e_score_correction_bias.clone() for r in trainer.routers]
+        roll = trainer.rollout(0)
+        roll.rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0, 0.0])
+        assert trainer.update(roll, 0)["optimizer_steps"] == 1
+        changed = any(not torch.equal(a, r.e_score_correction_bias) for a, r in zip(before, trainer.routers))
+        assert changed == moved
+
+
+def test_guard_warnings_are_reported_when_they_start_not_every_step(tmp_path):
+    path = tmp_path / "incidents.jsonl"
+    guard = RLGuard(RLGuardConfig(), path, log=lambda s: None)
+    series = calm(3) + calm(3, entropy=0.001) + calm(2) + calm(1, entropy=0.001)
+    assert feed(guard, series) == ["ok"] * 3 + ["warn", "ok", "ok"] + ["ok"] * 2 + ["warn"]
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [4, 9]
+
+
+@pytest.mark.parametrize("loss_mode", ["sequence_mean", "token_mean", "constant"])
+def test_micro_batches_accumulate_to_the_minibatch_gradient(init_ckpt, tmp_path, loss_mode):
+    weights = []  # the gradients each run hands to the optimizer
+    for micro in (0, 3):
+        cfg = build_run_config(run_cfg(init_ckpt, group_size=4, max_tokens=6, loss_mode=loss_mode, loss_max_len=6,
+                                       micro_batch_size=micro, grad_clip=0.0, lr=1e-3))
+        (tmp_path / str(micro)).mkdir()
+        trainer = GRPOTrainer(cfg, tmp_path / str(micro), False, log=lambda s: None)
+        roll = trainer.rollout(0)
+        roll.rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0])
+        params = [p for p in trainer.model.parameters() if p.requires_grad]
+        trainer.optimizer.step = lambda: weights.append([p.grad.clone() if p.grad is not None else None
+                                                         for p in params])
+        trainer.update(roll, 0)
+    full, micro = weights
+    assert sum(g is not None for g in full) > 10
+    for a, b in zip(full, micro):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-4)
