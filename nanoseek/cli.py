@@ -16,19 +16,7 @@ from pathlib import Path
 from .errors import NanoseekError
 
 # Commands whose implementation has not landed yet, with the issue that tracks each.
-COMING_SOON = {
-    "sft": 5, "distill": 5, "speedrun": 5,
-}
-STAGES = (  # what the speedrun will run, in order, and where each stands
-    ("tokenizer", "nanoseek tokenizer train", None),
-    ("pretrain", "nanoseek pretrain", None),
-    ("sft (cold start)", "nanoseek sft", 5),
-    ("grpo (reasoning RL)", "nanoseek grpo", None),
-    ("distill", "nanoseek distill", 5),
-    ("eval", "nanoseek eval", None),
-    ("serve / chat", "nanoseek serve", None),
-    ("report card", "nanoseek report", 4),
-)
+COMING_SOON: dict[str, int] = {}
 
 
 def _coming_soon(name: str) -> str:
@@ -83,54 +71,13 @@ def cmd_tokenizer(argv: list[str]) -> int:
 
 
 def cmd_speedrun(args: argparse.Namespace) -> int:
-    import importlib.util
     import time
 
-    import torch
+    from .speedrun import run_speedrun
 
-    from .config import get_preset
-    from .device import autocast_dtype, device_name, pick_device, synchronize
-    from .info import describe, format_info
-    from .model import DeepSeekV3
-
-    print(f"nanoseek speedrun: the full recipe is coming soon — tracked in issue {COMING_SOON['speedrun']}; "
-          "today: a sanity check")
-    device = pick_device(args.device)
-    print(f"device: {device} ({device_name(device)})")
-    config = get_preset("small")
-    print(format_info(describe(config), title="model: preset small"))
-
-    torch.manual_seed(args.seed)
-    model = DeepSeekV3(config).to(device)
-    model.train()
-    ids = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len + 1), device=device)
-    inputs, targets = ids[:, :-1], ids[:, 1:]
-    amp = autocast_dtype(device)
-    start = time.perf_counter()
-    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-        out = model(inputs, labels=targets)
-    loss = out.loss
-    loss.backward()
-    synchronize(device)
-    seconds = time.perf_counter() - start
-    grad_norm = torch.sqrt(sum(p.grad.float().pow(2).sum() for p in model.parameters()
-                               if p.grad is not None))
-    if not torch.isfinite(loss) or not torch.isfinite(grad_norm):
-        raise NanoseekError(f"sanity check failed: loss {loss.item()} grad norm {grad_norm.item()}")
-    expected = torch.log(torch.tensor(float(config.vocab_size))).item()
-    parts = [f"loss {loss.item():.4f}", f"lm loss {out.lm_loss.item():.4f} (ln vocab = {expected:.4f})"]
-    if out.mtp_loss is not None:
-        parts.append(f"mtp loss {out.mtp_loss.item():.4f}")
-    print(f"sanity check: one forward/backward on {args.batch_size}x{args.seq_len} random tokens: "
-          f"{', '.join(parts)}, grad norm {grad_norm.item():.4f}, {seconds:.2f}s")
-    tokenizer_ready = importlib.util.find_spec("nanoseek.data.tokenizer") is not None
-    print("stages:")
-    for stage, command, issue in STAGES:
-        if issue is None:
-            status = "ready" if tokenizer_ready else "coming soon"
-        else:
-            status = f"coming soon (issue {issue})"
-        print(f"  {stage:<20} {command:<26} {status}")
+    out = args.out or Path("runs") / f"speedrun-{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_speedrun(out, preset=args.preset, seed=args.seed, device=args.device,
+                 price_per_device_hour=args.price_per_hour)
     return 0
 
 
@@ -261,11 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
     # Listed for --help only: main() hands `tokenizer ...` to the tokenizer tool before parsing.
     sub.add_parser("tokenizer", help="train or inspect a BPE tokenizer (`nanoseek tokenizer train --help`)")
 
-    p = sub.add_parser("speedrun", help="the whole recipe on this machine (today: a sanity check)")
-    p.add_argument("--device", default="auto", help="auto, cuda, xpu, npu, mps or cpu")
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--seq-len", type=int, default=64)
+    p = sub.add_parser("speedrun", help="the whole R1 recipe on synthetic verifiable tasks: pretrain, SFT, GRPO, "
+                                        "eval, report card")
+    p.add_argument("--preset", default="cpu", help="cpu (default, ~15 min on 2 cores), gpu-small, or tiny (smoke)")
+    p.add_argument("--out", type=Path, default=None, help="run directory (default runs/speedrun-PRESET-TIME)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cuda, xpu, npu, mps or cpu")
+    p.add_argument("--price-per-hour", type=float, default=2.0, help="$ per device-hour for the cost table")
     p.set_defaults(handler=cmd_speedrun)
 
     helps = {
@@ -301,8 +250,21 @@ def build_parser() -> argparse.ArgumentParser:
                                    "options take the GRPORunConfig defaults (or, with --resume, the run's own).")
     add_grpo_arguments(p)
     p.set_defaults(handler=_lazy_handler("rl.cli", "grpo_main"))
-    for name in ("sft", "distill"):
-        p = sub.add_parser(name, help=f"{helps[name]} (coming soon, issue {COMING_SOON[name]})")
+    from .train.sft_cli import add_distill_arguments, add_sft_arguments
+
+    p = sub.add_parser("sft", help="supervised fine-tuning / cold start on chat JSONL (assistant tokens only)",
+                       description="SFT from a checkpoint on chat JSONL files and/or a generated cold-start set "
+                                   "(R1 cold start), on the pretraining loop: same checkpoints, guard, cost, "
+                                   "metrics and report; the model ends in OUT/final.")
+    add_sft_arguments(p)
+    p.set_defaults(handler=_lazy_handler("train.sft_cli", "sft_main"))
+    p = sub.add_parser("distill", help="distil a teacher into a student: rejection sampling + SFT (R1)",
+                       description="Sample a teacher on a task's training problems, keep only verified, "
+                                   "well-formed, distinct completions, then SFT a student on them.")
+    add_distill_arguments(p)
+    p.set_defaults(handler=_lazy_handler("train.sft_cli", "distill_main"))
+    for name in COMING_SOON:  # commands not built yet answer with their issue
+        p = sub.add_parser(name, help=f"{helps.get(name, name)} (coming soon, issue {COMING_SOON[name]})")
         p.set_defaults(handler=_stub(name), accepts_any=True)
     return parser
 

@@ -501,11 +501,11 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def _hub_entries(model: nn.Module, cfg: ModelConfig, dtype: torch.dtype | None
-                 ) -> list[tuple[str, int, Callable[[], torch.Tensor]]]:
+def _hub_entries(model: nn.Module, cfg: ModelConfig, dtype: torch.dtype | None,
+                 state: dict[str, torch.Tensor] | None = None) -> list[tuple[str, int, Callable[[], torch.Tensor]]]:
     """(hub key, byte size, producer) for every tensor the hub checkpoint holds, in a stable order."""
     n_layers, n_mtp = cfg.num_hidden_layers, cfg.num_nextn_predict_layers
-    state = model.state_dict()
+    state = model.state_dict() if state is None else state
     for name, t in state.items():
         if t.is_meta:
             raise CheckpointError(f"cannot save: tensor {name!r} is on the meta device (not materialised)")
@@ -595,7 +595,7 @@ def _is_checkpoint_file(name: str) -> bool:
 
 
 def save(model: nn.Module, path: str | os.PathLike, max_shard_size: int | str = "5GB",
-         dtype: str | torch.dtype | None = None) -> Path:
+         dtype: str | torch.dtype | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``model`` as a Hugging Face DeepSeek-V3 checkpoint directory that ``transformers`` loads.
 
     Per-expert tensors, MTP modules at ``model.layers.{num_hidden_layers + k}`` (with copies of the
@@ -604,6 +604,9 @@ def save(model: nn.Module, path: str | os.PathLike, max_shard_size: int | str = 
     ``model.safetensors.index.json`` when the tensors exceed ``max_shard_size``. ``dtype`` casts
     floating tensors (the router bias stays float32). The directory is written next to ``path`` and
     renamed into place; other files already at ``path`` (tokenizer, ...) are kept. Returns the path.
+
+    ``state_dict`` replaces ``model.state_dict()`` as the source of the tensors (same keys): the
+    full state of a model whose parameters are sharded over several processes (FSDP2).
     """
     model = _unwrap(model)
     cfg: ModelConfig = getattr(model, "config", None)
@@ -611,9 +614,9 @@ def save(model: nn.Module, path: str | os.PathLike, max_shard_size: int | str = 
         raise CheckpointError(f"cannot save {type(model).__name__}: it has no nanoseek ModelConfig at .config")
     out_dtype = _dtype_from(dtype, "dtype") if dtype is not None else None
     max_bytes = parse_size(max_shard_size)
-    entries = _hub_entries(model, cfg, out_dtype)
+    entries = _hub_entries(model, cfg, out_dtype, state_dict)
     if out_dtype is None:
-        emb = dict(model.named_parameters()).get("model.embed_tokens.weight")
+        emb = (state_dict if state_dict is not None else dict(model.named_parameters())).get("model.embed_tokens.weight")
         out_dtype = emb.dtype if emb is not None else next(model.parameters()).dtype
 
     target = Path(path)

@@ -65,11 +65,14 @@ def _grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
     """Whether ``torch._grouped_mm`` runs forward AND backward here (probed once per device kind)."""
     if not hasattr(torch, "_grouped_mm"):
         return False
+    # The probe runs inside the first forward, possibly under activation checkpointing: identity
+    # saved-tensor hooks keep its tensors out of the checkpoint's count (the recomputation skips it).
     try:
-        a = torch.randn(16, 16, device=device_type, dtype=dtype, requires_grad=True)
-        b = torch.randn(2, 16, 16, device=device_type, dtype=dtype, requires_grad=True)
-        offs = torch.tensor([8, 16], device=device_type, dtype=torch.int32)
-        torch._grouped_mm(a, b, offs=offs).sum().backward()
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            a = torch.randn(16, 16, device=device_type, dtype=dtype, requires_grad=True)
+            b = torch.randn(2, 16, 16, device=device_type, dtype=dtype, requires_grad=True)
+            offs = torch.tensor([8, 16], device=device_type, dtype=torch.int32)
+            torch._grouped_mm(a, b, offs=offs).sum().backward()
         return True
     except (RuntimeError, NotImplementedError, TypeError):
         return False
@@ -100,6 +103,10 @@ class RoutedExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(e, h, i))
         self.impl = "auto"
 
+    def expert_matmul(self, x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """The experts' GEMM: :func:`grouped_matmul` (FP8 training overrides it, see ``nanoseek.fp8_training``)."""
+        return grouped_matmul(x, w, counts, self.impl)
+
     def forward(self, x: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, H] → ([N, H], tokens per expert [E]). One permutation in, one out; no token loop."""
         n_experts = self.gate_up_proj.shape[0]
@@ -109,8 +116,8 @@ class RoutedExperts(nn.Module):
         counts = torch.bincount(flat_ids, minlength=n_experts)
         token_of = order // top_k
         xs = x[token_of]
-        gate, up = grouped_matmul(xs, self.gate_up_proj, counts, self.impl).chunk(2, dim=-1)
-        ys = grouped_matmul(F.silu(gate) * up, self.down_proj, counts, self.impl)
+        gate, up = self.expert_matmul(xs, self.gate_up_proj, counts).chunk(2, dim=-1)
+        ys = self.expert_matmul(F.silu(gate) * up, self.down_proj, counts)
         ys = ys * routing.weights.reshape(-1)[order].unsqueeze(-1).to(ys.dtype)
         out = torch.zeros_like(x).index_add_(0, token_of, ys)
         return out, counts

@@ -16,6 +16,10 @@ is renamed to ``step_X`` and the parent is fsynced. A ``step_X`` directory there
 complete; ``*.tmp-*`` directories are leftovers of a crash and are deleted by
 :func:`latest_checkpoint`. Nothing here is unpickled: tensors come from safetensors, the rest from
 JSON.
+
+A multi-process (FSDP2) run writes the same files: rank 0 writes the full state gathered from all
+ranks, and loading re-shards it for the current world size (:mod:`nanoseek.train.distributed`), so
+a checkpoint resumes under any number of processes.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from torch import nn
 
 from ..fsutil import fsync_path, write_json_durable
 from ..errors import CheckpointError
+from . import distributed as dist
 from .faults import maybe_fault
 
 CHECKPOINTS = "checkpoints"
@@ -83,8 +88,8 @@ def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     fsync_path(path)
 
 
-def _optimizer_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    sd = optimizer.state_dict()
+def _optimizer_files(optimizer: torch.optim.Optimizer, sd: dict | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = optimizer.state_dict() if sd is None else sd
     tensors: dict[str, torch.Tensor] = {}
     other: dict[str, dict] = {}
     for index, state in sd["state"].items():
@@ -109,8 +114,13 @@ def _rng_states(device: torch.device | None) -> tuple[dict[str, torch.Tensor], d
 
 def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                     trainer_state: dict, tokenizer_dir: str | os.PathLike | None, keep_last: int = 3,
-                    device: torch.device | None = None) -> Path:
+                    device: torch.device | None = None, model_state: dict | None = None,
+                    optimizer_state: dict | None = None) -> Path:
     """Write checkpoint ``step`` of ``run_dir`` atomically, then keep only the last ``keep_last``.
+
+    ``model_state`` / ``optimizer_state``, when given, are written instead of ``model.state_dict()``
+    / ``optimizer.state_dict()`` (same layout): the full state of a sharded multi-process run, see
+    :func:`nanoseek.train.distributed.full_state_dicts`.
 
     Any ``OSError`` (ENOSPC, EIO, ...) removes the partial directory and raises
     :class:`CheckpointError` naming the path, the error and the last good checkpoint, which is intact.
@@ -125,7 +135,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module, opt
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        nanoseek.save(model, tmp / MODEL_DIR, max_shard_size="10GB")
+        nanoseek.save(model, tmp / MODEL_DIR, max_shard_size="10GB", state_dict=model_state)
         if tokenizer_dir is not None:
             for name in TOKENIZER_FILES:
                 src = Path(tokenizer_dir) / name
@@ -133,7 +143,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module, opt
                     shutil.copyfile(src, tmp / MODEL_DIR / name)
                     fsync_path(tmp / MODEL_DIR / name)
         fsync_path(tmp / MODEL_DIR)
-        tensors, meta = _optimizer_files(optimizer)
+        tensors, meta = _optimizer_files(optimizer, optimizer_state)
         _save_tensors(tmp / "optimizer.safetensors", tensors)
         write_json_durable(tmp / "optimizer.json", meta)
         maybe_fault("kill_in_checkpoint", step)  # TEST-ONLY: SIGKILL with half a checkpoint written
@@ -187,7 +197,14 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> n
 
 
 def restore_model(model: nn.Module, path: str | os.PathLike) -> None:
-    """Copy the checkpoint's weights and buffers into ``model`` in place (optimizer refs stay valid)."""
+    """Copy the checkpoint's weights and buffers into ``model`` in place (optimizer refs stay valid).
+
+    For a model sharded over several processes this is collective: rank 0 reads the files, every
+    rank receives its shards (and the full buffers).
+    """
+    if dist.is_sharded(model):
+        dist.load_full_model_state(model, load_model(path, "cpu").state_dict() if dist.is_main() else None)
+        return
     loaded = load_model(path, "cpu")
     target = getattr(model, "_orig_mod", model)
     missing, unexpected = target.load_state_dict(loaded.state_dict(), strict=False)
@@ -196,8 +213,18 @@ def restore_model(model: nn.Module, path: str | os.PathLike) -> None:
                               f"unexpected {unexpected[:5]}")
 
 
-def restore_optimizer(optimizer: torch.optim.Optimizer, path: str | os.PathLike) -> None:
+def restore_optimizer(optimizer: torch.optim.Optimizer, path: str | os.PathLike, model: nn.Module | None = None) -> None:
+    """Load the checkpoint's optimizer state. Pass ``model`` when it is sharded over several
+    processes: the load is collective then (rank 0 reads the files, every rank gets its shards)."""
     path = Path(path)
+    if model is not None and dist.is_sharded(model):
+        dist.load_full_optimizer_state(model, optimizer, _read_optimizer(path) if dist.is_main() else None)
+        return
+    optimizer.load_state_dict(_read_optimizer(path))
+
+
+def _read_optimizer(path: Path) -> dict:
+    """``optimizer.state_dict()`` as :func:`_optimizer_files` wrote it."""
     try:
         meta = json.loads((path / "optimizer.json").read_text(encoding="utf-8"))
         tensors = safetensors.torch.load_file(str(path / "optimizer.safetensors"))
@@ -214,7 +241,7 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, path: str | os.PathLike)
     for g in groups:
         if "betas" in g:
             g["betas"] = tuple(g["betas"])
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    return {"state": state, "param_groups": groups}
 
 
 def restore_rng(path: str | os.PathLike, device: torch.device | None = None) -> None:
@@ -231,3 +258,33 @@ def restore_rng(path: str | os.PathLike, device: torch.device | None = None) -> 
     random.setstate((version, tuple(state), gauss))
     name, keys, pos, has_gauss, cached = meta["numpy"]
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+FINAL_DIR = "final"
+
+
+def publish_final(run_dir: str | os.PathLike, ckpt: str | os.PathLike) -> Path:
+    """Copy checkpoint ``ckpt``'s ``model/`` (config, weights, tokenizer) to ``RUN_DIR/final``: the run's
+    model as one self-contained directory that ``nanoseek.load``, ``eval``, ``serve`` and the next stage
+    take. Replaced atomically (copy to ``final.tmp-<pid>``, rename), so a crash leaves the old one."""
+    run_dir = Path(run_dir)
+    final = run_dir / FINAL_DIR
+    tmp = run_dir / f"{FINAL_DIR}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        shutil.copytree(Path(ckpt) / MODEL_DIR, tmp)
+        for f in tmp.iterdir():
+            fsync_path(f)
+        fsync_path(tmp)
+        old = None
+        if final.exists():
+            old = run_dir / f"{FINAL_DIR}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(final, old)
+        os.replace(tmp, final)
+        fsync_path(run_dir)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"could not write {final} from {ckpt}: {exc}") from exc
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return final

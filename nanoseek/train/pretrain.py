@@ -6,6 +6,7 @@ Run directory (``--out``)::
     tokenizer/          the tokenizer (trained on the data, or a copy of --tokenizer)
     data/               token shards (unless --data named an existing shard directory)
     checkpoints/        step_XXXXXXXX/ (see nanoseek.train.checkpoint), the last keep_last kept
+    final/              the last checkpoint's model + tokenizer, self-contained (written at the end)
     metrics.jsonl       one record per logged step (stage "pretrain")
     incidents.jsonl     what the training guard saw (nanoseek.train.guard)
     cost.json           device-hours and $ per stage (nanoseek.train.cost)
@@ -97,9 +98,17 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)
 
 
+def _silent(*args, **kwargs) -> None:
+    pass
+
+
 @contextlib.contextmanager
 def _run_lock(run_dir: Path):
-    """One trainer per run directory (advisory flock; released by the kernel even on SIGKILL)."""
+    """One trainer per run directory (advisory flock; released by the kernel even on SIGKILL).
+    Under torchrun rank 0 holds it for all ranks."""
+    if not dist.is_main():
+        yield
+        return
     try:
         import fcntl
     except ImportError:  # not POSIX: no lock
@@ -370,7 +379,14 @@ def default_vocab_size(cfg: TrainConfig) -> int:
 
 # ----------------------------------------------------------------------------- the trainer
 class Trainer:
-    """Holds the state of one pretraining run; :meth:`train` runs it to ``max_steps``."""
+    """Holds the state of one training run; :meth:`train` runs it to ``max_steps``.
+
+    Pretraining as is. Another stage (``nanoseek.train.sft.SFTTrainer``: SFT, distillation) subclasses
+    it, sets :attr:`stage` and overrides the two data hooks :meth:`prepare_data` and
+    :meth:`load_datasets`; the loop, checkpoints, guard, cost meter, metrics and report are shared.
+    """
+
+    stage = STAGE  # the name in metrics.jsonl, cost.json, trainer_state.json, tensorboard and the progress bar
 
     def __init__(self, cfg: TrainConfig, run_dir: Path, resume: bool, log: Callable = print):
         from ..data import DeterministicSampler
@@ -380,16 +396,17 @@ class Trainer:
         from .guard import TrainingGuard
 
         self.cfg, self.run_dir, self.log = cfg, run_dir, log
-        self.device = pick_device(cfg.device)
+        self.device = dist.local_device(pick_device(cfg.device))  # cuda:LOCAL_RANK etc. under torchrun
         self.amp = autocast_dtype(self.device)
         self.ckpt = latest_checkpoint(run_dir) if resume else None
         state = read_trainer_state(self.ckpt) if self.ckpt is not None else None
 
         # data
         default_vocab = default_vocab_size(cfg) if state is None else 0
-        self.tokenizer, self.tok_dir, self.data_dir = prepare_data(cfg, run_dir, fresh=state is None, log=log,
-                                                                   default_vocab=default_vocab)
-        self.train_ds, self.val_ds = load_datasets(self.data_dir, cfg, log)
+        with dist.main_first():  # rank 0 trains the tokenizer and writes the shards; the others then read them
+            self.tokenizer, self.tok_dir, self.data_dir = self.prepare_data(
+                fresh=state is None and dist.is_main(), default_vocab=default_vocab)
+        self.train_ds, self.val_ds = self.load_datasets()
         self.sampler = DeterministicSampler(len(self.train_ds), cfg.seed, dist.rank(), dist.world_size(),
                                             batch_size=cfg.batch_size)
 
@@ -416,15 +433,15 @@ class Trainer:
         if cfg.seq_len > model.config.max_position_embeddings:
             log(f"note: seq_len {cfg.seq_len} exceeds the model's max_position_embeddings "
                 f"{model.config.max_position_embeddings}")
-        self.model = model.to(self.device).train()
+        self.model = dist.parallelize(model, self.device).train()  # FSDP2 shards when distributed
         self.model.set_activation_checkpointing(cfg.activation_checkpointing)
         self.forward = torch.compile(self.model) if cfg.compile else self.model
         self.routers = self.model.moe_routers()
         self.optimizer = build_optimizer(self.model, cfg, self.device)
 
         # bookkeeping
-        self.guard = TrainingGuard(cfg.guard, run_dir / "incidents.jsonl", log=log)
-        self.cost = CostMeter(run_dir, STAGE, self.device, n_devices=dist.world_size(),
+        self.guard = TrainingGuard(cfg.guard, run_dir / "incidents.jsonl" if dist.is_main() else None, log=log)
+        self.cost = CostMeter(run_dir, self.stage, self.device, n_devices=dist.world_size(),
                               price_per_device_hour=cfg.price_per_device_hour)
         # MFU numerator of DESIGN.md; the MTP modules are trained too, so their FLOPs count
         self.flops_per_token = training_flops_per_token(model.config, cfg.seq_len, include_mtp=True)
@@ -443,6 +460,15 @@ class Trainer:
             f"model {n_params / 1e6:.2f}M parameters (+MTP {model.num_parameters(True) - n_params:,}); "
             f"{self.tokens_per_step} tokens/step; {self.flops_per_token / 1e6:.1f} MFLOP/token")
 
+    # ------------------------------------------------------------------ data hooks (overridden per stage)
+    def prepare_data(self, fresh: bool, default_vocab: int):
+        """``(tokenizer, tokenizer_dir, data_dir)``: built when ``fresh`` (rank 0 of a new run), else read."""
+        return prepare_data(self.cfg, self.run_dir, fresh=fresh, log=self.log, default_vocab=default_vocab)
+
+    def load_datasets(self):
+        """``(train, val or None)``: datasets with ``len()`` and ``get_batch(indices) -> (x, y)``."""
+        return load_datasets(self.data_dir, self.cfg, self.log)
+
     # ------------------------------------------------------------------ state
     def _trainer_state(self) -> dict:
         if self.metrics_path.exists():
@@ -450,7 +476,7 @@ class Trainer:
         else:
             metrics_bytes = 0
         return {
-            "version": STATE_VERSION, "stage": STAGE, "step": self.step, "tokens": self.tokens,
+            "version": STATE_VERSION, "stage": self.stage, "step": self.step, "tokens": self.tokens,
             "sampler": self.sampler.state_dict(), "guard": self.guard.state_dict(), "cost": self.cost.state_dict(),
             "train_config": self.cfg.to_dict(), "metrics_bytes": metrics_bytes,
             "elapsed": self.elapsed_before + (time.perf_counter() - self._t_start),
@@ -465,7 +491,7 @@ class Trainer:
             raise NanoseekError(f"{self.ckpt}: unsupported trainer state version {state.get('version')!r}")
         if state.get("tokenizer_sha256") != self.tokenizer.fingerprint:
             raise NanoseekError(f"{self.ckpt} was trained with another tokenizer than {self.tok_dir}")
-        restore_optimizer(self.optimizer, self.ckpt)
+        restore_optimizer(self.optimizer, self.ckpt, model=self.model)
         restore_rng(self.ckpt, self.device)
         self.sampler.load_state_dict(state["sampler"])
         self.guard.load_state_dict(state["guard"])
@@ -484,10 +510,12 @@ class Trainer:
 
     def save(self) -> Path:
         path = None
+        model_state, optimizer_state = dist.full_state_dicts(self.model, self.optimizer)  # all ranks; None if 1 process
         if dist.is_main():
             self.cost.save()
             path = save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self._trainer_state(),
-                                   self.tok_dir, keep_last=self.cfg.keep_last, device=self.device)
+                                   self.tok_dir, keep_last=self.cfg.keep_last, device=self.device,
+                                   model_state=model_state, optimizer_state=optimizer_state)
         dist.barrier()
         return path
 
@@ -506,7 +534,7 @@ class Trainer:
         to_step = checkpoint_step(ckpt)
         self.guard.note_rollback(bad_step, to_step)
         restore_model(self.model, ckpt)
-        restore_optimizer(self.optimizer, ckpt)
+        restore_optimizer(self.optimizer, ckpt, model=self.model)
         restore_rng(ckpt, self.device)
         state = read_trainer_state(ckpt)
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
@@ -559,7 +587,8 @@ class Trainer:
             if out.expert_load is not None:
                 load = out.expert_load.detach() if load is None else load + out.expert_load.detach()
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        grad_norm = dist.clip_grad_norm_(self.model.parameters(), max_norm)  # the global norm under FSDP2
+        load = dist.all_reduce_sum(load)  # every rank applies the same bias update and guard decision
         extra = [grad_norm.reshape(1).float().to(self.device)]
         if load is not None:
             lf = load.float()
@@ -592,8 +621,8 @@ class Trainer:
             self.tb = _summary_writer()(str(self.run_dir / "tensorboard"))
         from tqdm import tqdm
 
-        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="pretrain", unit="step", dynamic_ncols=True,
-                   disable=not sys.stderr.isatty(), file=sys.stderr)
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc=self.stage, unit="step", dynamic_ncols=True,
+                   disable=not sys.stderr.isatty() or not dist.is_main(), file=sys.stderr)
         say = bar.write if not bar.disable else self.log
         self.guard.log = say
         self.cost.start()
@@ -667,14 +696,20 @@ class Trainer:
             except Exception as exc:  # the run itself succeeded; a report problem must not hide that
                 self.log(f"warning: could not write the report: {type(exc).__name__}: {exc}")
         final = latest_checkpoint(self.run_dir, cleanup=False)
-        self.log(f"done: {self.step} steps, {self.tokens} tokens; final checkpoint {final}")
-        return {"step": self.step, "tokens": self.tokens, "val_loss": last_val, "checkpoint": final, "report": report}
+        final_dir = None
+        if final is not None and dist.is_main():  # RUN_DIR/final: the last model, self-contained (with tokenizer)
+            from .checkpoint import publish_final
+
+            final_dir = publish_final(self.run_dir, final)
+        self.log(f"done: {self.step} steps, {self.tokens} tokens; final checkpoint {final}; model in {final_dir}")
+        return {"step": self.step, "tokens": self.tokens, "val_loss": last_val, "checkpoint": final,
+                "final": final_dir, "report": report}
 
     def _record(self, step: int, action: str, values: list[float], lr: float, gamma: float, dt: float,
                 val: float | None) -> dict:
         loss, lm_loss, mtp_loss, aux_loss, grad_norm = values[:5]
         rec: dict[str, Any] = {
-            "stage": STAGE, "step": step, "action": action, "loss": _finite(loss), "lm_loss": _finite(lm_loss),
+            "stage": self.stage, "step": step, "action": action, "loss": _finite(loss), "lm_loss": _finite(lm_loss),
             "mtp_loss": _finite(mtp_loss), "aux_loss": _finite(aux_loss), "lr": lr, "grad_norm": _finite(grad_norm),
             "tokens": self.tokens,
         }
@@ -702,7 +737,7 @@ class Trainer:
         if self.tb is not None:
             for key, value in rec.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
-                    self.tb.add_scalar(f"{STAGE}/{key}", value, rec["step"])
+                    self.tb.add_scalar(f"{self.stage}/{key}", value, rec["step"])
 
     def _line(self, r: dict) -> str:
         def f(key: str, fmt: str) -> str:
@@ -724,15 +759,27 @@ class Trainer:
 def pretrain(out: str | os.PathLike, overrides: dict[str, Any], resume: bool = False, log: Callable = print) -> dict:
     """Run (or ``resume``) the pretraining run in ``out``; ``overrides`` are TrainConfig fields
     (``guard`` a dict of GuardConfig fields). Returns a summary dict."""
+    return run_stage(out, overrides, resume, log, Trainer)
+
+
+def run_stage(out: str | os.PathLike, overrides: dict[str, Any], resume: bool = False, log: Callable = print,
+              trainer_factory: Callable[..., Trainer] = Trainer) -> dict:
+    """What every :class:`Trainer` stage runs (pretrain, sft, distill): resolve the config, lock the run
+    directory, then ``trainer_factory(cfg, run_dir, resume, log).train()``."""
     run_dir = Path(out).expanduser().resolve()
+    if not dist.launched_main():  # under torchrun only rank 0 speaks (and writes files)
+        log = _silent
     cfg = resolve_config(run_dir, overrides, resume, log)
     run_dir.mkdir(parents=True, exist_ok=True)
+    from ..device import pick_device
+
+    dist.init_distributed(pick_device(cfg.device))  # torchrun: join the process group; no-op in one process
     with _run_lock(run_dir):
-        if not resume:  # a fresh run (or a start-over): forget the records of an earlier attempt
+        if not resume and dist.is_main():  # a fresh run (or a start-over): forget the records of an earlier attempt
             for name in ("metrics.jsonl", "incidents.jsonl"):
                 (run_dir / name).unlink(missing_ok=True)
-        cfg.save(run_dir / "train_config.json")
-        from ..device import pick_device
+        if dist.is_main():
+            cfg.save(run_dir / "train_config.json")
 
         pick_device(cfg.device)  # clear errors for an unavailable device or tensorboard, before any data work
         if cfg.tensorboard:
@@ -740,5 +787,5 @@ def pretrain(out: str | os.PathLike, overrides: dict[str, Any], resume: bool = F
         if cfg.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         with _deterministic(bool(cfg.deterministic)):
-            trainer = Trainer(cfg, run_dir, resume, log)
+            trainer = trainer_factory(cfg, run_dir, resume, log)
             return trainer.train()

@@ -1,0 +1,184 @@
+"""Supervised fine-tuning (cold start, R1 §2.3.1) on the pretraining loop.
+
+SFT is the pretraining :class:`~nanoseek.train.pretrain.Trainer` with another stage name and other
+data: chat JSONL (and/or a generated cold-start set) tokenised with the checkpoint's chat template,
+trained on assistant tokens only and packed into fixed-length sequences (:mod:`nanoseek.data.sft`).
+Everything else is shared: ``TrainConfig``, the step (LM + MTP + balance losses; the MTP depth-k
+loss reads the same masked labels shifted by k, so masked positions stay masked), the guard,
+checkpoints and exact resume, the cost meter (stage ``"sft"`` in ``cost.json``), metrics and the
+report card.
+
+Run directory (``--out``)::
+
+    train_config.json   the TrainConfig (init_from = the starting checkpoint)
+    tokenizer/          the init checkpoint's tokenizer (or --tokenizer), copied
+    cold_start.jsonl    with --cold-start: the generated chat examples
+    data/               sft_data.safetensors + sft_data.json (packed sequences, split, counts)
+    checkpoints/        step_XXXXXXXX/ as in pretraining (model/ loads with nanoseek.load)
+    final/              the last checkpoint's model + tokenizer, self-contained
+    metrics.jsonl, incidents.jsonl, cost.json, report.md
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import NanoseekError
+from .checkpoint import TOKENIZER_FILES, latest_checkpoint, read_trainer_state
+from .pretrain import Trainer, run_stage
+
+STAGE = "sft"
+COLD_START_FILE = "cold_start.jsonl"
+DEFAULT_COLD_START_N = 2000
+# TrainConfig values that differ for SFT when not given (a fresh run; resume keeps the run's own).
+SFT_DEFAULTS: dict[str, Any] = {"lr": 1e-4, "warmup_steps": 20, "max_steps": 500, "eval_every": 100,
+                                "checkpoint_every": 250, "val_fraction": 0.02}
+
+
+def prepare_sft_data(cfg, run_dir: Path, fresh: bool, log: Callable = print,
+                     make_data: Callable[[Callable], None] | None = None):
+    """Tokenizer and packed data of an SFT run: ``(tokenizer, tokenizer_dir, data_dir)``.
+
+    ``fresh``: copy the tokenizer (``cfg.tokenizer``, else the ``cfg.init_from`` checkpoint's) into
+    ``RUN_DIR/tokenizer``, run ``make_data(log)`` (writes generated data files named in ``cfg.data``)
+    and pack ``cfg.data`` into ``RUN_DIR/data``. Otherwise read what a fresh start wrote.
+    """
+    from ..data import load_tokenizer
+    from ..data.sft import build_sft_data, read_sft_meta
+
+    tok_dir, data_dir = run_dir / "tokenizer", run_dir / "data"
+    if not fresh:
+        if not (tok_dir / "tokenizer.json").is_file():
+            raise NanoseekError(f"cannot resume: {tok_dir} holds no tokenizer.json")
+        tokenizer = load_tokenizer(tok_dir)
+        meta = read_sft_meta(data_dir)
+        if meta["tokenizer_sha256"] != tokenizer.fingerprint:
+            raise NanoseekError(f"{data_dir} was tokenised with another tokenizer than {tok_dir}")
+        return tokenizer, tok_dir, data_dir
+
+    src = cfg.tokenizer or cfg.init_from
+    if src is None:
+        raise NanoseekError("SFT needs a tokenizer: --init-from CKPT (its tokenizer is used) or --tokenizer DIR")
+    src = Path(src)
+    if not (src / "tokenizer.json").is_file():
+        raise NanoseekError(f"{src} holds no tokenizer.json: SFT takes the tokenizer from the init checkpoint "
+                            f"(or --tokenizer DIR)")
+    tokenizer = load_tokenizer(src)
+    tmp = run_dir / "tokenizer.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, tmp / name)
+    shutil.rmtree(tok_dir, ignore_errors=True)
+    os.replace(tmp, tok_dir)
+    log(f"tokenizer: {src} ({tokenizer.vocab_size} ids)")
+    if make_data is not None:
+        make_data(log)
+    build_sft_data(cfg.data, tokenizer, cfg.seq_len, data_dir, val_fraction=cfg.val_fraction, log=log)
+    return tokenizer, tok_dir, data_dir
+
+
+class SFTTrainer(Trainer):
+    """The pretraining loop on packed chat data with assistant-only targets (see the module doc)."""
+
+    stage = STAGE
+
+    def __init__(self, cfg, run_dir: Path, resume: bool, log: Callable = print, *, stage: str = STAGE,
+                 make_data: Callable[[Callable], None] | None = None):
+        self.stage = stage
+        self.make_data = make_data
+        super().__init__(cfg, run_dir, resume, log)
+
+    def prepare_data(self, fresh: bool, default_vocab: int):
+        return prepare_sft_data(self.cfg, self.run_dir, fresh, self.log, self.make_data)
+
+    def load_datasets(self):
+        from ..data.sft import load_sft_data
+
+        train, val, meta = load_sft_data(self.data_dir, self.cfg.seq_len, self.tokenizer)
+        self.log(f"sft data: {len(train)} train sequences ({train.n_target_tokens} target tokens), "
+                 f"{0 if val is None else len(val)} val sequences")
+        return train, val
+
+
+def cold_start_maker(run_dir: Path, specs: list[str], n: int, seed: int) -> Callable[[Callable], None]:
+    """``make_data`` that writes ``RUN_DIR/cold_start.jsonl`` (:func:`nanoseek.tasks.coldstart.make_cold_start`)."""
+
+    def make(log: Callable) -> None:
+        from ..tasks.coldstart import make_cold_start, write_jsonl
+
+        records = make_cold_start(specs, n, seed=seed)
+        write_jsonl(records, run_dir / COLD_START_FILE)
+        log(f"cold start: {len(records)} chat examples from the solvers of {', '.join(specs)} "
+            f"(problem seed {seed}) in {run_dir / COLD_START_FILE}")
+
+    return make
+
+
+def check_stage(run_dir: Path, stage: str) -> None:
+    """On resume: the run's latest checkpoint must be of ``stage`` (not, say, a pretraining run)."""
+    ckpt = latest_checkpoint(run_dir, cleanup=False)
+    if ckpt is not None:
+        found = read_trainer_state(ckpt).get("stage")
+        if found != stage:
+            raise NanoseekError(f"--resume: {run_dir} holds a {found} run, not {stage}; resume it with "
+                                f"`nanoseek {found} --resume`")
+
+
+def sft(out: str | os.PathLike, overrides: dict[str, Any], resume: bool = False, log: Callable = print, *,
+        stage: str = STAGE, make_data: Callable[[Callable], None] | None = None) -> dict:
+    """Run (or ``resume``) an SFT run in ``out``. Returns the trainer's summary (``final``: RUN_DIR/final).
+
+    ``overrides`` are TrainConfig fields plus ``cold_start`` (``["task[:difficulty]", ...]``),
+    ``cold_start_n`` (examples in total, default 2000) and ``cold_start_seed`` (default: ``seed``).
+    A fresh run needs a model (``init_from``, or ``preset``/``config`` with ``tokenizer``) and data
+    (``data`` chat JSONL files and/or ``cold_start``); unset TrainConfig fields take
+    :data:`SFT_DEFAULTS`, then the TrainConfig defaults. ``make_data(log)``, when given, runs on a
+    fresh start before the data is packed (distillation samples its data there).
+    """
+    run_dir = Path(out).expanduser().resolve()
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    cold = overrides.pop("cold_start", None) or []
+    if isinstance(cold, str):
+        cold = [cold]
+    cold_n = int(overrides.pop("cold_start_n", DEFAULT_COLD_START_N))
+    cold_seed = overrides.pop("cold_start_seed", None)
+    if resume:
+        check_stage(run_dir, stage)
+        return run_stage(run_dir, overrides, True, log, functools.partial(SFTTrainer, stage=stage))
+
+    if not any(overrides.get(k) is not None for k in ("init_from", "preset", "config")):
+        raise NanoseekError(f"{stage} needs a model to start from: --init-from CKPT")
+    if overrides.get("init_from") is None and overrides.get("tokenizer") is None:
+        raise NanoseekError(f"{stage} from --preset/--config needs --tokenizer DIR")
+    data = [str(p) for p in overrides.get("data") or []]
+    makers = [make_data] if make_data is not None else []
+    if cold:
+        from ..tasks.coldstart import make_cold_start
+
+        seed = int(cold_seed if cold_seed is not None else overrides.get("seed", 0))
+        make_cold_start(cold, 1, seed=seed)  # check the specs and the seed before any work
+        data.insert(0, str(run_dir / COLD_START_FILE))
+        makers.append(cold_start_maker(run_dir, list(cold), cold_n, seed))
+    if not data:
+        raise NanoseekError(f"{stage} needs data: --data FILE.jsonl ... (chat JSONL) and/or "
+                            f"--cold-start TASK[:DIFFICULTY]")
+    overrides["data"] = data
+    for key, value in SFT_DEFAULTS.items():
+        overrides.setdefault(key, value)
+
+    def make_all(log_fn: Callable) -> None:
+        for maker in makers:
+            maker(log_fn)
+
+    factory = functools.partial(SFTTrainer, stage=stage, make_data=make_all if makers else None)
+    return run_stage(run_dir, overrides, False, log, factory)
+
+
+__all__ = ["COLD_START_FILE", "SFT_DEFAULTS", "SFTTrainer", "check_stage", "cold_start_maker", "prepare_sft_data",
+           "sft"]
