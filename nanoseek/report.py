@@ -347,20 +347,29 @@ def _results_section(data) -> list[str]:
     return ["## Final and best", ""] + _table(["Stage", "Metric", "Final", "Step", "Best", "Step"], rows) + [""]
 
 
+def _stage_table(stages: dict[str, dict]) -> list[str]:
+    columns: list[str] = []
+    for v in stages.values():
+        columns += [k for k in v if k not in columns]
+    rows = [[stage] + [_num(v[c]) if c in v else "" for c in columns] for stage, v in stages.items()]
+    return _table(["Stage"] + columns, rows) + [""]
+
+
 def _summary_section(summary: Any, error: str | None) -> list[str]:
+    """summary.json as tables: per-stage rows (top level, or under "stages") and scalar facts."""
     if error:
         return ["## Held-out results", "", f"_{error}._", ""]
     if summary is None:
         return []
     lines = ["## Held-out results (summary.json)", ""]
     if isinstance(summary, dict) and summary and all(isinstance(v, dict) for v in summary.values()):
-        columns: list[str] = []
-        for v in summary.values():
-            columns += [k for k in v if k not in columns]
-        rows = [[stage] + [_num(v[c]) if c in v else "" for c in columns] for stage, v in summary.items()]
-        return lines + _table(["Stage"] + columns, rows) + [""]
+        return lines + _stage_table(summary)
     if isinstance(summary, dict) and summary:
-        return lines + _table(["Key", "Value"], [[k, _num(v)] for k, v in summary.items()]) + [""]
+        stages = summary.get("stages")
+        if isinstance(stages, dict) and stages and all(isinstance(v, dict) for v in stages.values()):
+            lines += _stage_table(stages)
+        scalars = [[k, _num(v)] for k, v in summary.items() if not isinstance(v, (dict, list))]
+        return lines + (_table(["Key", "Value"], scalars) + [""] if scalars else [])
     return lines + ["```json", json.dumps(summary, indent=2)[:4000], "```", ""]
 
 

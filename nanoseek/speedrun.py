@@ -1,0 +1,251 @@
+"""``nanoseek speedrun``: the R1 story end to end on synthetic verifiable tasks.
+
+    corpus → tokenizer → pretrain → eval → cold-start SFT → eval → GRPO → eval → report card
+
+Run directory::
+
+    corpus.jsonl            generated problems with solver-written worked solutions (pretraining text)
+    pretrain/ sft/ grpo/    each stage's own run directory (checkpoints, metrics, cost, report)
+    final/                  the last stage's model + tokenizer: what `nanoseek serve/chat --ckpt` take
+    metrics.jsonl, incidents.jsonl, cost.json   all stages merged
+    eval_<stage>.json       held-out results after each stage
+    summary.json            per stage: held-out accuracy, format rate, tokens, device-hours, $
+    report.md + *.png       the report card
+
+Every problem the model trains on comes from seeds below :data:`~nanoseek.tasks.evaluate.EVAL_SEED_BASE`;
+every evaluation uses seeds at or above it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import NanoseekError
+
+SUMMARY_FILE = "summary.json"
+
+
+@dataclass
+class SpeedrunPreset:
+    """Everything one speedrun does; the presets below are tuned for their hardware budget."""
+
+    name: str
+    task: str
+    difficulty: int
+    model: dict[str, Any]  # ModelConfig fields on top of the "small" preset (vocab follows the tokenizer)
+    corpus_problems: int
+    vocab_size: int
+    pretrain: dict[str, Any]  # TrainConfig fields
+    sft: dict[str, Any]
+    grpo: dict[str, Any]
+    eval_problems: int = 200
+    eval_max_tokens: int = 160
+    description: str = ""
+
+
+_CPU_MODEL = dict(hidden_size=192, num_hidden_layers=4, intermediate_size=512, moe_intermediate_size=128,
+                  n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2,
+                  num_attention_heads=4, kv_lora_rank=48, q_lora_rank=96, qk_nope_head_dim=32,
+                  qk_rope_head_dim=16, v_head_dim=32, max_position_embeddings=512, num_nextn_predict_layers=1)
+
+PRESETS: dict[str, SpeedrunPreset] = {
+    "cpu": SpeedrunPreset(
+        name="cpu", task="arithmetic", difficulty=2, model=_CPU_MODEL, corpus_problems=20000, vocab_size=512,
+        pretrain=dict(max_steps=400, batch_size=16, seq_len=256, lr=3e-3, warmup_steps=30, checkpoint_every=200,
+                      eval_every=200, log_every=10),
+        sft=dict(cold_start_n=2000, max_steps=60, batch_size=16, seq_len=320, lr=1e-3, warmup_steps=5,
+                 checkpoint_every=60, eval_every=60, log_every=10),
+        grpo=dict(steps=40, prompts_per_step=16, group_size=8, max_tokens=128, temperature=1.0, lr=3e-4,
+                  beta=0.0, checkpoint_every=20, eval_every=0),
+        description="~3M-parameter DeepSeek-V3 (MLA, 8 routed + 1 shared experts, MTP) on 2-digit arithmetic; "
+                    "about 15 minutes on 2 CPU cores"),
+    "tiny": SpeedrunPreset(
+        name="tiny", task="arithmetic", difficulty=1, corpus_problems=600, vocab_size=320,
+        model=dict(_CPU_MODEL, hidden_size=64, num_hidden_layers=2, intermediate_size=128, moe_intermediate_size=32,
+                   kv_lora_rank=16, q_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16),
+        pretrain=dict(max_steps=8, batch_size=4, seq_len=128, lr=3e-3, warmup_steps=2, checkpoint_every=8,
+                      eval_every=8, log_every=2),
+        sft=dict(cold_start_n=64, max_steps=4, batch_size=4, seq_len=320, lr=1e-3, warmup_steps=1,
+                 checkpoint_every=4, eval_every=4, log_every=2),
+        grpo=dict(steps=2, prompts_per_step=2, group_size=4, max_tokens=24, temperature=1.0, lr=1e-4,
+                  beta=0.0, checkpoint_every=2, eval_every=0),
+        eval_problems=8, eval_max_tokens=24,
+        description="a seconds-long smoke run of every stage (CI)"),
+    "gpu-small": SpeedrunPreset(
+        name="gpu-small", task="arithmetic", difficulty=3, corpus_problems=200000, vocab_size=1024,
+        model=dict(num_nextn_predict_layers=1, max_position_embeddings=1024),
+        pretrain=dict(max_steps=3000, batch_size=64, seq_len=512, lr=2e-3, warmup_steps=100,
+                      checkpoint_every=500, eval_every=500, log_every=20),
+        sft=dict(cold_start_n=8000, max_steps=300, batch_size=32, seq_len=512, lr=5e-4, warmup_steps=20,
+                 checkpoint_every=300, eval_every=100, log_every=10),
+        grpo=dict(steps=200, prompts_per_step=64, group_size=8, max_tokens=256, temperature=1.0, lr=1e-4,
+                  beta=0.0, checkpoint_every=50, eval_every=50),
+        eval_problems=500, eval_max_tokens=256,
+        description="the 16M-parameter `small` model on 3-digit arithmetic, for one GPU"),
+}
+
+
+def corpus_text(problem) -> str:
+    """A pretraining document: the question and its worked solution in the answer format."""
+    from .tasks import format_completion
+
+    return f"Question: {problem.prompt}\nAnswer: {format_completion(problem)}"
+
+
+def base_prompt(tokenizer, problem) -> str:
+    """The pretraining document's prefix: how a base model (no chat turns yet) is asked."""
+    return f"Question: {problem.prompt}\nAnswer: "
+
+
+def write_corpus(path: Path, preset: SpeedrunPreset, seed: int) -> int:
+    from .tasks import get_task
+
+    problems = get_task(preset.task).generate(seed, preset.corpus_problems, preset.difficulty)
+    with open(path, "w", encoding="utf-8") as f:
+        for p in problems:
+            f.write(json.dumps({"text": corpus_text(p)}) + "\n")
+    return len(problems)
+
+
+def _merge_jsonl(parts: list[Path], out: Path) -> None:
+    with open(out, "w", encoding="utf-8") as dst:
+        for part in parts:
+            if part.is_file():
+                dst.write(part.read_text(encoding="utf-8"))
+
+
+def _merge_costs(stage_dirs: list[Path], extra: dict[str, dict], out: Path) -> dict:
+    stages: dict[str, dict] = {}
+    price = None
+    for d in stage_dirs:
+        path = d / "cost.json"
+        if path.is_file():
+            data = json.loads(path.read_text(encoding="utf-8"))
+            stages.update(data.get("stages", {}))
+            price = data.get("price_per_device_hour", price)
+    stages.update(extra)
+    total = {key: sum(s.get(key, 0) or 0 for s in stages.values())
+             for key in ("device_hours", "usd", "tokens", "samples", "wall_seconds")}
+    merged = {"price_per_device_hour": price if price is not None else 2.0, "stages": stages, "total": total}
+    out.write_text(json.dumps(merged, indent=2) + "\n", encoding="utf-8")
+    return merged
+
+
+class _Clock:
+    """Charges wall time that no training stage's meter saw (evaluation; data, tokenizer and model
+    setup) as a cost stage of its own, at the same price, so the totals equal real wall-clock."""
+
+    def __init__(self, device_type: str, device: str, price: float):
+        self.seconds, self.samples = 0.0, 0
+        self.device_type, self.device, self.price = device_type, device, price
+
+    def as_stage(self) -> dict:
+        hours = self.seconds / 3600
+        return {"device_type": self.device_type, "device": self.device, "n_devices": 1,
+                "wall_seconds": self.seconds, "device_hours": hours, "tokens": 0, "samples": self.samples,
+                "usd": hours * self.price, "price_per_device_hour": self.price}
+
+
+def run_speedrun(out: str | Path, preset: str = "cpu", seed: int = 0, device: str = "auto",
+                 price_per_device_hour: float = 2.0, log: Callable[[str], None] = print) -> dict:
+    """Run every stage into ``out``; returns the summary (also written to ``out/summary.json``)."""
+    from .config import get_preset
+    from .device import device_name, pick_device
+    from .infer.cli import load_for_inference
+    from .infer.engine import Engine
+    from .rl.grpo import grpo
+    from .report import write_report
+    from .tasks.evaluate import chat_prompt, evaluate
+    from .train.pretrain import pretrain
+    from .train.sft import sft
+
+    if preset not in PRESETS:
+        raise NanoseekError(f"unknown speedrun preset {preset!r} (choose from {', '.join(PRESETS)})")
+    p = PRESETS[preset]
+    run = Path(out).expanduser().resolve()
+    if (run / SUMMARY_FILE).exists():
+        raise NanoseekError(f"{run} already holds a finished speedrun ({SUMMARY_FILE}); choose another --out")
+    run.mkdir(parents=True, exist_ok=True)
+    dev = pick_device(device)
+    clock = _Clock(dev.type, device_name(dev), price_per_device_hour)
+    setup = _Clock(dev.type, device_name(dev), price_per_device_hour)
+
+    def timed_stage(name: str, fn, *args, **kwargs) -> None:
+        t0 = time.perf_counter()
+        fn(*args, **kwargs)
+        metered = json.loads((run / name / "cost.json").read_text(encoding="utf-8"))["stages"]
+        setup.seconds += max(0.0, time.perf_counter() - t0 - sum(s["wall_seconds"] for s in metered.values()))
+    started = time.perf_counter()
+    log(f"speedrun[{p.name}]: {p.description}\nspeedrun: device {dev} ({device_name(dev)}), run directory {run}")
+
+    corpus = run / "corpus.jsonl"
+    n = write_corpus(corpus, p, seed)
+    log(f"speedrun: corpus of {n} {p.task} problems (difficulty {p.difficulty}) with worked solutions")
+
+    def held_out(stage: str, ckpt: Path, prompt_fn) -> dict:
+        t0 = time.perf_counter()
+        model, tokenizer = load_for_inference(str(ckpt), device)
+        engine = Engine(model, tokenizer, max_slots=64, max_seq_len=512 + p.eval_max_tokens)
+        result = evaluate(engine, tokenizer, p.task, n_problems=p.eval_problems, difficulty=p.difficulty,
+                          max_tokens=p.eval_max_tokens, seed=seed, prompt_fn=prompt_fn).to_dict()
+        (run / f"eval_{stage}.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        clock.seconds += time.perf_counter() - t0
+        clock.samples += p.eval_problems
+        log(f"speedrun: {stage}: held-out accuracy {result['accuracy']:.1%}, format rate "
+            f"{result['format_rate']:.1%}, mean length {result['mean_length']:.0f} tokens")
+        return result
+
+    common = dict(seed=seed, device=device, price_per_device_hour=price_per_device_hour)
+    log("speedrun: stage 1/3: pretrain")
+    model_config = run / "model_config.json"
+    get_preset("small").replace(vocab_size=p.vocab_size, **p.model).save(model_config)
+    timed_stage("pretrain", pretrain, run / "pretrain",
+                dict(config=str(model_config), data=[str(corpus)], vocab_size=p.vocab_size, **p.pretrain, **common),
+                log=log)
+    results = {"pretrain": held_out("pretrain", run / "pretrain" / "final", base_prompt)}
+
+    log("speedrun: stage 2/3: cold-start SFT")
+    sft_cfg = dict(p.sft)
+    cold_n = sft_cfg.pop("cold_start_n")
+    timed_stage("sft", sft, run / "sft", dict(init_from=str(run / "pretrain" / "final"),
+                                              cold_start=[f"{p.task}:{p.difficulty}"], cold_start_n=cold_n,
+                                              **sft_cfg, **common), log=log)
+    results["sft"] = held_out("sft", run / "sft" / "final", chat_prompt)
+
+    log("speedrun: stage 3/3: GRPO")
+    timed_stage("grpo", grpo, run / "grpo", init_from=str(run / "sft" / "final"), task=f"{p.task}:{p.difficulty}",
+                **p.grpo, **common, log=log)
+    results["grpo"] = held_out("grpo", run / "grpo" / "final", chat_prompt)
+
+    final = run / "final"
+    if final.exists():
+        shutil.rmtree(final)
+    shutil.copytree(run / "grpo" / "final", final)
+
+    stage_dirs = [run / s for s in ("pretrain", "sft", "grpo")]
+    _merge_jsonl([d / "metrics.jsonl" for d in stage_dirs], run / "metrics.jsonl")
+    _merge_jsonl([d / "incidents.jsonl" for d in stage_dirs], run / "incidents.jsonl")
+    costs = _merge_costs(stage_dirs, {"eval": clock.as_stage(), "setup": setup.as_stage()}, run / "cost.json")
+    summary = {"preset": p.name, "seed": seed, "task": p.task, "difficulty": p.difficulty,
+               "wall_seconds": time.perf_counter() - started, "device": device_name(dev), "stages": {}}
+    previous = None
+    for stage, res in results.items():
+        c = costs["stages"].get(stage, {})
+        summary["stages"][stage] = {
+            "accuracy": res["accuracy"], "format_rate": res["format_rate"], "mean_length": res["mean_length"],
+            "accuracy_gain": None if previous is None else res["accuracy"] - previous,
+            "tokens": c.get("tokens"), "device_hours": c.get("device_hours"), "usd": c.get("usd")}
+        previous = res["accuracy"]
+    summary["total"] = costs["total"]
+    summary["final_checkpoint"] = str(final)
+    (run / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    report = write_report(run)
+    log(f"speedrun: done in {summary['wall_seconds'] / 60:.1f} min; report card {report}")
+    log(f"  chat with it:   nanoseek chat --ckpt {final}\n  serve it:       nanoseek serve --ckpt {final}")
+    return summary

@@ -1,0 +1,55 @@
+"""The main job end to end: a reduced speedrun (preset "tiny") through every stage, as CI runs it."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import nanoseek
+
+
+@pytest.fixture(scope="module")
+def speedrun_dir(tmp_path_factory):
+    run = tmp_path_factory.mktemp("speedrun") / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-m", "nanoseek", "speedrun", "--preset", "tiny", "--out", str(run),
+                          "--device", "cpu", "--seed", "3"], capture_output=True, text=True, timeout=900, env=env)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return run, res.stdout
+
+
+def test_every_stage_ran_and_was_scored(speedrun_dir):
+    run, out = speedrun_dir
+    summary = json.loads((run / "summary.json").read_text())
+    assert list(summary["stages"]) == ["pretrain", "sft", "grpo"]
+    for stage, row in summary["stages"].items():
+        held_out = json.loads((run / f"eval_{stage}.json").read_text())
+        assert row["accuracy"] == held_out["accuracy"] and 0.0 <= row["accuracy"] <= 1.0
+        assert 0.0 <= row["format_rate"] <= 1.0
+        assert row["device_hours"] > 0 and row["usd"] == pytest.approx(row["device_hours"] * 2.0)
+    assert summary["stages"]["sft"]["accuracy_gain"] == pytest.approx(
+        summary["stages"]["sft"]["accuracy"] - summary["stages"]["pretrain"]["accuracy"])
+    cost = json.loads((run / "cost.json").read_text())
+    assert set(cost["stages"]) >= {"pretrain", "sft", "grpo", "eval"}
+    assert cost["total"]["usd"] == pytest.approx(sum(s["usd"] for s in cost["stages"].values()))
+
+
+def test_report_card_holds_the_measured_numbers(speedrun_dir):
+    run, _ = speedrun_dir
+    report = (run / "report.md").read_text()
+    cost = json.loads((run / "cost.json").read_text())
+    assert f"{cost['total']['usd']:.4f}"[:5] in report or f"{cost['total']['usd']:.2f}" in report
+    assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    stages = {json.loads(line)["stage"] for line in (run / "metrics.jsonl").read_text().splitlines()}
+    assert stages == {"pretrain", "sft", "grpo"}
+
+
+def test_final_checkpoint_is_servable_and_the_run_says_how(speedrun_dir):
+    run, out = speedrun_dir
+    final = run / "final"
+    model = nanoseek.load(final)
+    assert (final / "tokenizer.json").is_file()
+    assert model.config.num_nextn_predict_layers == 1
+    assert f"nanoseek chat --ckpt {final}" in out and f"nanoseek serve --ckpt {final}" in out
