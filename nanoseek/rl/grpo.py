@@ -71,6 +71,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..errors import ConfigError, NanoseekError
+from ..train.config import merge_resume_settings
 from .guard import RLGuard, RLGuardConfig
 from .objective import (GRPOConfig, dynamic_sampling_mask, group_advantages, grpo_loss,
                         overlong_penalty, zero_variance_fraction)
@@ -296,28 +297,7 @@ def resolve_run_config(run_dir: Path, overrides: dict[str, Any], resume: bool,
             overrides["task"] = name
             if diff is not None:
                 overrides["difficulty"] = diff
-        changed, refused = [], []
-        for key, value in overrides.items():
-            if key not in data:
-                raise ConfigError(f"unknown GRPO setting {key!r}")
-            if key == "betas":
-                value = [float(b) for b in value]
-            if data[key] == value:
-                continue
-            if key in RESUME_CHANGEABLE:
-                changed.append(f"{key}: {data[key]!r} -> {value!r}")
-                data[key] = value
-            else:
-                refused.append(f"{key} (run: {data[key]!r}, given: {value!r})")
-        if refused:
-            raise NanoseekError(f"--resume: these settings differ from the run in {run_dir} and cannot change "
-                                f"mid-run: {'; '.join(refused)}")
-        for key, value in guard_over.items():
-            if data["guard"].get(key) != value:
-                changed.append(f"guard.{key}: {data['guard'].get(key)!r} -> {value!r}")
-                data["guard"][key] = value
-        if changed:
-            log(f"note: resuming with changed settings: {'; '.join(changed)}")
+        data = merge_resume_settings(data, overrides, guard_over, RESUME_CHANGEABLE, run_dir, log)
         return GRPORunConfig.from_dict(data, source=str(cfg_path))
 
     cfg = build_run_config(overrides)

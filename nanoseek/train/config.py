@@ -14,9 +14,9 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
-from ..errors import ConfigError
+from ..errors import ConfigError, NanoseekError
 from .guard import GuardConfig
 
 GUARD_ACTIONS = ("warn", "skip", "rollback", "lr_down")
@@ -169,3 +169,40 @@ class TrainConfig:
         """``{field: (self value, other value)}`` for the fields that differ (guard as one field)."""
         a, b = self.to_dict(), other.to_dict()
         return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+
+
+def merge_resume_settings(stored: dict[str, Any], overrides: dict[str, Any], guard_overrides: dict[str, Any],
+                          changeable: Iterable[str], run_dir: Path, log: Callable[[str], None] = print,
+                          ignore: Iterable[str] = ()) -> dict[str, Any]:
+    """A stored run config with ``--resume`` overrides applied (pretrain, SFT and GRPO share this).
+
+    Settings in ``changeable`` may change (each change is logged); any other difference is refused
+    with one error naming all of them, since it would alter steps already taken. ``ignore`` keys
+    (e.g. data paths) and ``None`` values are skipped; tuples compare as the lists JSON stores.
+    """
+    data = dict(stored)
+    data["guard"] = dict(stored.get("guard") or {})
+    changeable, ignore = frozenset(changeable), frozenset(ignore)
+    changed, refused = [], []
+    for key, value in overrides.items():
+        if isinstance(value, tuple):
+            value = list(value)
+        if key in ignore or value is None or data.get(key) == value:
+            continue
+        if key not in data:
+            raise ConfigError(f"unknown setting {key!r}")
+        if key in changeable:
+            changed.append(f"{key}: {data[key]!r} -> {value!r}")
+            data[key] = value
+        else:
+            refused.append(f"{key} (run: {data[key]!r}, given: {value!r})")
+    if refused:
+        raise NanoseekError(f"--resume: these settings differ from the run in {run_dir} and cannot change "
+                            f"mid-run: {'; '.join(refused)}")
+    for key, value in guard_overrides.items():
+        if data["guard"].get(key) != value:
+            changed.append(f"guard.{key}: {data['guard'].get(key)!r} -> {value!r}")
+            data["guard"][key] = value
+    if changed:
+        log(f"note: resuming with changed settings: {'; '.join(changed)}")
+    return data

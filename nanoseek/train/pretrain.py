@@ -63,7 +63,7 @@ from .checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from .config import DATA_FIELDS, RESUME_CHANGEABLE, TrainConfig
+from .config import DATA_FIELDS, RESUME_CHANGEABLE, TrainConfig, merge_resume_settings
 from .faults import maybe_fault
 from .optim import bias_speed_at, build_optimizer, lr_at, mtp_weight_at
 
@@ -174,26 +174,8 @@ def resolve_config(run_dir: Path, overrides: dict[str, Any], resume: bool, log: 
         if not cfg_path.is_file() or latest_checkpoint(run_dir, cleanup=False) is None:
             raise NanoseekError(f"--resume: no checkpoint in {run_dir} to resume from "
                                 f"(run without --resume to start a new run there)")
-        stored = TrainConfig.load(cfg_path)
-        data = stored.to_dict()
-        changed, refused = [], []
-        for key, value in overrides.items():
-            if key in DATA_FIELDS or value is None or data.get(key) == value:
-                continue
-            if key in RESUME_CHANGEABLE:
-                changed.append(f"{key}: {data[key]!r} -> {value!r}")
-                data[key] = value
-            else:
-                refused.append(f"{key} (run: {data[key]!r}, given: {value!r})")
-        if refused:
-            raise NanoseekError(f"--resume: these settings differ from the run in {run_dir} and cannot change "
-                                f"mid-run: {'; '.join(refused)}")
-        for key, value in guard_over.items():
-            if data["guard"].get(key) != value:
-                changed.append(f"guard.{key}: {data['guard'].get(key)!r} -> {value!r}")
-                data["guard"][key] = value
-        if changed:
-            log(f"note: resuming with changed settings: {'; '.join(changed)}")
+        data = merge_resume_settings(TrainConfig.load(cfg_path).to_dict(), overrides, guard_over,
+                                     RESUME_CHANGEABLE, run_dir, log, ignore=DATA_FIELDS)
         return TrainConfig.from_dict(data, source=str(cfg_path))
 
     from .guard import GuardConfig
