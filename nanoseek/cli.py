@@ -93,7 +93,7 @@ GUARD_FLAGS = {"on_nan": "on_nonfinite", "on_spike": "on_spike", "on_grad_explos
 PRETRAIN_FIELDS = ("preset", "config", "init_from", "data", "tokenizer", "vocab_size", "text_field", "max_steps",
                    "batch_size", "grad_accum", "seq_len", "lr", "min_lr", "warmup_steps", "checkpoint_every",
                    "keep_last", "eval_every", "eval_batches", "log_every", "seed", "device", "compile",
-                   "activation_checkpointing", "deterministic", "tensorboard", "peak_tflops", "poison_step")
+                   "activation_checkpointing", "deterministic", "fp8", "fp8_ue8m0", "tensorboard", "peak_tflops", "poison_step")
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
@@ -135,6 +135,9 @@ def _add_pretrain_parser(sub) -> None:
     g.add_argument("--seed", type=int)
     g.add_argument("--device", help="auto, cuda, xpu, npu, mps or cpu")
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    g.add_argument("--fp8", action="store_true", default=None,
+                   help="block-wise FP8 GEMMs (V3 report 3.3; pure-torch emulation for now, slower than bf16)")
+    g.add_argument("--fp8-ue8m0", action="store_true", default=None, help="power-of-two FP8 scales")
     g.add_argument("--activation-checkpointing", action="store_true", default=None,
                    help="recompute block activations in backward to save memory")
     g.add_argument("--deterministic", action="store_true", default=None,

@@ -72,7 +72,10 @@ def _grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
             a = torch.randn(16, 16, device=device_type, dtype=dtype, requires_grad=True)
             b = torch.randn(2, 16, 16, device=device_type, dtype=dtype, requires_grad=True)
             offs = torch.tensor([8, 16], device=device_type, dtype=torch.int32)
-            torch._grouped_mm(a, b, offs=offs).sum().backward()
+            out = torch._grouped_mm(a, b, offs=offs)
+            # A dense upstream gradient: ``.sum().backward()`` would send a stride-0 (expanded)
+            # gradient, which _grouped_mm's backward rejects, and the probe would wrongly say no.
+            out.backward(torch.ones_like(out))
         return True
     except (RuntimeError, NotImplementedError, TypeError):
         return False

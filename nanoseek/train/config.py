@@ -72,6 +72,8 @@ class TrainConfig:
     eval_batches: int = 20
     log_every: int = 1
     compile: bool = False
+    fp8: bool = False  # block-wise FP8 GEMMs applied from outside (nanoseek.fp8_training)
+    fp8_ue8m0: bool = False  # power-of-two FP8 scales (DeepSeek-V3.1 UE8M0)
     activation_checkpointing: bool = False
     device: str = "auto"
     deterministic: bool = False  # torch.use_deterministic_algorithms (accelerators; CPU is deterministic anyway)

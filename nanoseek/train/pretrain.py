@@ -415,6 +415,10 @@ class Trainer:
         if cfg.seq_len > model.config.max_position_embeddings:
             log(f"note: seq_len {cfg.seq_len} exceeds the model's max_position_embeddings "
                 f"{model.config.max_position_embeddings}")
+        if cfg.fp8:  # before FSDP2, the optimizer and torch.compile: it swaps modules, keeping parameters
+            from ..fp8_training import convert_to_fp8
+
+            convert_to_fp8(model, ue8m0=cfg.fp8_ue8m0)
         self.model = dist.parallelize(model, self.device).train()  # FSDP2 shards when distributed
         self.model.set_activation_checkpointing(cfg.activation_checkpointing)
         self.forward = torch.compile(self.model) if cfg.compile else self.model
