@@ -57,12 +57,12 @@ _CPU_MODEL = dict(hidden_size=192, num_hidden_layers=4, intermediate_size=512, m
 PRESETS: dict[str, SpeedrunPreset] = {
     "cpu": SpeedrunPreset(
         name="cpu", task="arithmetic", difficulty=2, model=_CPU_MODEL, corpus_problems=20000, vocab_size=512,
-        pretrain=dict(max_steps=400, batch_size=16, seq_len=256, lr=3e-3, warmup_steps=30, checkpoint_every=200,
-                      eval_every=200, log_every=10),
-        sft=dict(cold_start_n=2000, max_steps=60, batch_size=16, seq_len=320, lr=1e-3, warmup_steps=5,
-                 checkpoint_every=60, eval_every=60, log_every=10),
-        grpo=dict(steps=40, prompts_per_step=16, group_size=8, max_tokens=128, temperature=1.0, lr=3e-4,
-                  beta=0.0, checkpoint_every=20, eval_every=0),
+        pretrain=dict(max_steps=500, batch_size=16, seq_len=256, lr=3e-3, warmup_steps=30, checkpoint_every=250,
+                      eval_every=250, log_every=10),
+        sft=dict(cold_start_n=2000, max_steps=30, batch_size=16, seq_len=256, lr=3e-4, warmup_steps=3,
+                 checkpoint_every=30, eval_every=30, log_every=10),
+        grpo=dict(steps=30, prompts_per_step=8, group_size=8, max_tokens=110, temperature=1.0, lr=3e-5,
+                  beta=0.0, checkpoint_every=30, eval_every=0),
         description="~3M-parameter DeepSeek-V3 (MLA, 8 routed + 1 shared experts, MTP) on 2-digit arithmetic; "
                     "about 15 minutes on 2 CPU cores"),
     "tiny": SpeedrunPreset(
@@ -92,15 +92,19 @@ PRESETS: dict[str, SpeedrunPreset] = {
 
 
 def corpus_text(problem) -> str:
-    """A pretraining document: the question and its worked solution in the answer format."""
-    from .tasks import format_completion
+    """A pretraining document laid out like the chat form (instruction, question, worked answer) but
+    with newlines where the chat template puts its role tokens, so the cold-start SFT only has to
+    teach the role tokens, not how to read a question."""
+    from .tasks import SYSTEM_PROMPT, format_completion
 
-    return f"Question: {problem.prompt}\nAnswer: {format_completion(problem)}"
+    return f"{SYSTEM_PROMPT}\n{problem.prompt}\n{format_completion(problem)}"
 
 
 def base_prompt(tokenizer, problem) -> str:
-    """The pretraining document's prefix: how a base model (no chat turns yet) is asked."""
-    return f"Question: {problem.prompt}\nAnswer: "
+    """How a base model (no chat turns yet) is asked: the pretraining document's prefix."""
+    from .tasks import SYSTEM_PROMPT
+
+    return f"{SYSTEM_PROMPT}\n{problem.prompt}\n"
 
 
 def write_corpus(path: Path, preset: SpeedrunPreset, seed: int) -> int:

@@ -125,11 +125,7 @@ def format_prompt(problem: Problem | str, *, prefill_think: bool = False) -> str
 
 
 #: The R1 instruction as a system turn, for chat-formatted models (SFT, GRPO, eval, serving).
-SYSTEM_PROMPT = (
-    "First think through the reasoning process, then give the answer. The reasoning goes inside "
-    "<think> </think> tags and the final answer inside <answer> </answer> tags, like this: "
-    "<think> reasoning here </think> <answer> answer here </answer>."
-)
+SYSTEM_PROMPT = "Reason inside <think> </think>, then give the final answer inside <answer> </answer>."
 
 
 def chat_messages(problem: Problem | str, *, with_completion: bool = False) -> list[dict[str, str]]:
