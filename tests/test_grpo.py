@@ -136,7 +136,7 @@ def test_grpo_raises_reward_on_a_learnable_task_and_logs_everything(init_ckpt, t
     assert summary["step"] == 20 and (run / "final" / "model.safetensors").is_file()
     assert (run / "final" / "tokenizer.json").is_file()
     final, _ = load_for_inference(str(run / "final"), "cpu", "float32")  # self-contained
-    assert final.config.vocab_size == 384
+    assert final.config.vocab_size == nanoseek.ModelConfig.from_json(init_ckpt / "config.json").vocab_size
     state = json.loads((run / "checkpoints" / "step_00000020" / "trainer_state.json").read_text())
     assert {"step", "batch", "guard", "cost", "grpo_config", "metrics_bytes"} <= set(state)
 
