@@ -88,8 +88,6 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-GUARD_FLAGS = {"on_nan": "on_nonfinite", "on_spike": "on_spike", "on_grad_explosion": "on_grad_explosion",
-               "on_collapse": "on_collapse"}
 PRETRAIN_FIELDS = ("preset", "config", "init_from", "data", "tokenizer", "vocab_size", "text_field", "max_steps",
                    "batch_size", "grad_accum", "seq_len", "lr", "min_lr", "warmup_steps", "checkpoint_every",
                    "keep_last", "eval_every", "eval_batches", "log_every", "seed", "device", "compile",
@@ -99,17 +97,15 @@ PRETRAIN_FIELDS = ("preset", "config", "init_from", "data", "tokenizer", "vocab_
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from .train.pretrain import pretrain
 
-    overrides = {name: getattr(args, name) for name in PRETRAIN_FIELDS if getattr(args, name) is not None}
-    if args.price_per_hour is not None:
-        overrides["price_per_device_hour"] = args.price_per_hour
-    guard = {field: getattr(args, flag) for flag, field in GUARD_FLAGS.items() if getattr(args, flag) is not None}
-    if guard:
-        overrides["guard"] = guard
-    pretrain(args.out, overrides, resume=args.resume)
+    from .train.sft_cli import training_overrides
+
+    pretrain(args.out, training_overrides(args, PRETRAIN_FIELDS), resume=args.resume)
     return 0
 
 
 def _add_pretrain_parser(sub) -> None:
+    from .train.sft_cli import add_bookkeeping_and_guard_arguments
+
     p = sub.add_parser("pretrain", help="pre-train a model from scratch (tokenizer, shards, guarded training loop)",
                        description="Pre-train a DeepSeek-V3-architecture model on text files. Unset options "
                                    "take the TrainConfig defaults (or, with --resume, the run's own values).")
@@ -142,22 +138,8 @@ def _add_pretrain_parser(sub) -> None:
                    help="recompute block activations in backward to save memory")
     g.add_argument("--deterministic", action="store_true", default=None,
                    help="deterministic kernels on accelerators (slower; CPU runs are deterministic anyway)")
-    g = p.add_argument_group("bookkeeping")
-    g.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
-    g.add_argument("--keep-last", type=int, help="checkpoints to keep (default 3)")
-    g.add_argument("--eval-every", type=int, help="steps between validation losses")
-    g.add_argument("--eval-batches", type=int, help="validation batches per evaluation")
-    g.add_argument("--log-every", type=int, help="steps between metrics records")
-    g.add_argument("--tensorboard", action="store_true", default=None, help="also log to RUN_DIR/tensorboard")
-    g.add_argument("--price-per-hour", type=float, help="$ per device-hour for cost.json (default 2.0)")
-    g.add_argument("--peak-tflops", type=float,
-                   help="bf16 peak TFLOP/s per device for MFU (default: 790 on H100/H200, else no MFU)")
-    g = p.add_argument_group("training guard")
-    policies = ("warn", "skip", "rollback", "lr_down")
-    g.add_argument("--on-nan", choices=policies, help="response to a NaN/inf loss or grad norm (default rollback)")
-    g.add_argument("--on-spike", choices=policies, help="response to a loss spike (default skip)")
-    g.add_argument("--on-grad-explosion", choices=policies, help="response to a grad-norm explosion (default skip)")
-    g.add_argument("--on-collapse", choices=policies, help="response to dead experts / imbalance (default warn)")
+    add_bookkeeping_and_guard_arguments(p)
+    g = p.add_argument_group("guard drill")
     g.add_argument("--poison-step", type=int, metavar="N",
                    help="guard drill: multiply step N's loss by NaN once, to exercise the guard's response")
     p.set_defaults(handler=cmd_pretrain)

@@ -31,7 +31,13 @@ def _add_training_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     g.add_argument("--activation-checkpointing", action="store_true", default=None,
                    help="recompute block activations in backward to save memory")
-    g.add_argument("--deterministic", action="store_true", default=None, help="deterministic kernels on accelerators")
+    g.add_argument("--deterministic", action="store_true", default=None,
+                   help="deterministic kernels on accelerators (slower; CPU runs are deterministic anyway)")
+    add_bookkeeping_and_guard_arguments(p)
+
+
+def add_bookkeeping_and_guard_arguments(p: argparse.ArgumentParser) -> None:
+    """The checkpoint/logging/cost options and the training-guard policies every Trainer stage takes."""
     g = p.add_argument_group("bookkeeping")
     g.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
     g.add_argument("--keep-last", type=int, help="checkpoints to keep (default 3)")
@@ -40,7 +46,8 @@ def _add_training_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--log-every", type=int, help="steps between metrics records")
     g.add_argument("--tensorboard", action="store_true", default=None, help="also log to RUN_DIR/tensorboard")
     g.add_argument("--price-per-hour", type=float, help="$ per device-hour for cost.json (default 2.0)")
-    g.add_argument("--peak-tflops", type=float, help="bf16 peak TFLOP/s per device for MFU")
+    g.add_argument("--peak-tflops", type=float,
+                   help="bf16 peak TFLOP/s per device for MFU (default: 790 on H100/H200, else no MFU)")
     g = p.add_argument_group("training guard")
     policies = ("warn", "skip", "rollback", "lr_down")
     g.add_argument("--on-nan", choices=policies, help="response to a NaN/inf loss or grad norm (default rollback)")
@@ -49,8 +56,10 @@ def _add_training_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--on-collapse", choices=policies, help="response to dead experts / imbalance (default warn)")
 
 
-def _overrides(args: argparse.Namespace) -> dict:
-    out = {name: getattr(args, name) for name in SFT_FIELDS if getattr(args, name, None) is not None}
+def training_overrides(args: argparse.Namespace, fields: tuple[str, ...]) -> dict:
+    """TrainConfig overrides from parsed arguments: ``fields`` by name, the price and the guard policies;
+    unset (None) arguments are left out so the defaults, or a resumed run's own values, apply."""
+    out = {name: getattr(args, name) for name in fields if getattr(args, name, None) is not None}
     if args.price_per_hour is not None:
         out["price_per_device_hour"] = args.price_per_hour
     guard = {field: getattr(args, flag) for flag, field in GUARD_FLAGS.items() if getattr(args, flag) is not None}
@@ -78,7 +87,7 @@ def sft_main(args: argparse.Namespace) -> int:
 
     if not args.resume and args.init_from is None:
         raise NanoseekError("sft needs --init-from CKPT (the model to fine-tune)")
-    overrides = _overrides(args)
+    overrides = training_overrides(args, SFT_FIELDS)
     overrides.update(init_from=args.init_from, data=args.data, cold_start=args.cold_start,
                      cold_start_n=args.cold_start_n, cold_start_seed=args.cold_start_seed)
     result = sft(args.out, overrides, resume=args.resume)
@@ -114,6 +123,6 @@ def distill_main(args: argparse.Namespace) -> int:
                      samples_per_prompt=args.samples_per_prompt, temperature=args.temperature,
                      max_tokens=args.max_tokens, max_length_chars=args.max_length_chars,
                      student_preset=args.student_preset, student_init=args.student_init, max_slots=args.max_slots,
-                     overrides=_overrides(args), resume=args.resume)
+                     overrides=training_overrides(args, SFT_FIELDS), resume=args.resume)
     print(f"final model: {result.get('final')}")
     return 0
