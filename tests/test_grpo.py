@@ -374,6 +374,16 @@ def test_guard_warnings_are_reported_when_they_start_not_every_step(tmp_path):
     assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [4, 9]
 
 
+def test_a_policy_that_starts_below_the_entropy_floor_is_reported_once(tmp_path):
+    path = tmp_path / "incidents.jsonl"
+    guard = RLGuard(RLGuardConfig(), path, log=lambda s: None)
+    low = calm(12, entropy=lambda i: 0.02 + 0.012 * (i % 2))  # a confident SFT policy: 0.020 / 0.032
+    assert feed(guard, low) == ["warn"] + ["ok"] * 11
+    (incident,) = [json.loads(x) for x in path.read_text().splitlines()]
+    assert incident["step"] == 1 and "starts below the floor 0.03" in incident["detail"]
+    assert feed(guard, calm(1, entropy=0.005)) == ["warn"]  # a fast fall is still reported
+
+
 @pytest.mark.parametrize("loss_mode", ["sequence_mean", "token_mean", "constant"])
 def test_micro_batches_accumulate_to_the_minibatch_gradient(init_ckpt, tmp_path, loss_mode):
     weights = []  # the gradients each run hands to the optimizer

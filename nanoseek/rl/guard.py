@@ -29,8 +29,9 @@ noted):
   ``truncation_fraction`` of the completions hit ``max_tokens`` while the window median was below it;
 - ``kl_blowup``: KL above ``kl_max`` (no history needed), or KL ≥ ``kl_min`` and more than
   ``kl_zscore`` robust sigmas above the window median;
-- ``entropy_collapse``: entropy below ``entropy_floor`` (no history needed), or below
-  ``entropy_drop_ratio`` × the window median (falling fast);
+- ``entropy_collapse``: entropy below ``entropy_floor`` at the first step or while the window
+  median is at or above it (a policy that starts and hovers near the floor is reported once, not
+  every time it dips), or below ``entropy_drop_ratio`` × the window median (falling fast);
 - ``repetition``: more than ``repeat_fraction`` of the completions (those with at least
   ``repeat_min_tokens`` tokens) are degenerate: one run of a repeated token or of a repeated
   n-gram (n ≤ ``repeat_ngram``) covers more than ``repeat_coverage`` of the completion
@@ -293,10 +294,12 @@ class RLGuard:
         if ent is None:
             return []
         w = self.windows["entropy"]
-        if ent < cfg.entropy_floor:
+        if ent < cfg.entropy_floor and (not w.values or w.median() >= cfg.entropy_floor):
+            what = ("fell below" if w.values else "starts below") + f" the floor {cfg.entropy_floor:g}"
+            if not w.values:
+                what += " (little left to explore; after this, only a fast fall is reported)"
             return [self._base._incident(step, "entropy_collapse", ent, cfg.entropy_floor,
-                                         f"policy entropy {_fmt(ent)} nats/token fell below the floor "
-                                         f"{cfg.entropy_floor:g}", cfg.on_entropy)]
+                                         f"policy entropy {_fmt(ent)} nats/token {what}", cfg.on_entropy)]
         if self._ready("entropy"):
             med = w.median()
             if med > 0 and ent < cfg.entropy_drop_ratio * med:
