@@ -65,7 +65,7 @@ PRESETS: dict[str, SpeedrunPreset] = {
                   beta=0.0, checkpoint_every=30, eval_every=0),
         eval_problems=500,
         description="~3M-parameter DeepSeek-V3 (MLA, 8 routed + 1 shared experts, MTP) on 2-digit arithmetic; "
-                    "about 13 minutes on 2 CPU cores"),
+                    "about 14 minutes on 2 CPU cores"),
     "tiny": SpeedrunPreset(
         name="tiny", task="arithmetic", difficulty=1, corpus_problems=600, vocab_size=320,
         model=dict(_CPU_MODEL, hidden_size=64, num_hidden_layers=2, intermediate_size=128, moe_intermediate_size=32,
