@@ -258,27 +258,30 @@ class Metrics:
             head("requests_total", "counter", "HTTP requests by endpoint and status code.")
             for (endpoint, status), n in sorted(self.requests.items()):
                 lines.append(f'{p}requests_total{{endpoint="{endpoint}",status="{status}"}} {n}')
-            head("prompt_tokens_total", "counter", "Prompt tokens of accepted generation requests.")
-            lines.append(f"{p}prompt_tokens_total {self.prompt_tokens}")
-            head("generation_tokens_total", "counter", "Tokens generated.")
-            lines.append(f"{p}generation_tokens_total {self.generation_tokens}")
-            head("requests_aborted_total", "counter", "Generation requests aborted (client went away).")
-            lines.append(f"{p}requests_aborted_total {self.aborted}")
-            head("engine_errors_total", "counter", "Engine steps that raised (their requests got a 500).")
-            lines.append(f"{p}engine_errors_total {self.engine_errors}")
-            head("queue_depth", "gauge", "Generation requests waiting for a cache slot.")
-            lines.append(f"{p}queue_depth {waiting}")
-            head("running_requests", "gauge", "Generation requests holding a cache slot.")
-            lines.append(f"{p}running_requests {running}")
-            head("requests_in_flight", "gauge", "Generation requests accepted and not finished.")
-            lines.append(f"{p}requests_in_flight {in_flight}")
-            head("time_to_first_token_seconds", "histogram", "Time from request arrival to its first token.")
-            lines += [p + x for x in self.ttft.lines("time_to_first_token_seconds")]
-            head("time_per_output_token_seconds", "histogram",
-                 "Mean time between output tokens after the first, per request.")
-            lines += [p + x for x in self.tpot.lines("time_per_output_token_seconds")]
-            head("e2e_request_latency_seconds", "histogram", "Time from request arrival to its last token.")
-            lines += [p + x for x in self.e2e.lines("e2e_request_latency_seconds")]
+            scalars = (
+                ("prompt_tokens_total", "counter", "Prompt tokens of accepted generation requests.",
+                 self.prompt_tokens),
+                ("generation_tokens_total", "counter", "Tokens generated.", self.generation_tokens),
+                ("requests_aborted_total", "counter", "Generation requests aborted (client went away).",
+                 self.aborted),
+                ("engine_errors_total", "counter", "Engine steps that raised (their requests got a 500).",
+                 self.engine_errors),
+                ("queue_depth", "gauge", "Generation requests waiting for a cache slot.", waiting),
+                ("running_requests", "gauge", "Generation requests holding a cache slot.", running),
+                ("requests_in_flight", "gauge", "Generation requests accepted and not finished.", in_flight),
+            )
+            for name, kind, text, value in scalars:
+                head(name, kind, text)
+                lines.append(f"{p}{name} {value}")
+            histograms = (
+                ("time_to_first_token_seconds", "Time from request arrival to its first token.", self.ttft),
+                ("time_per_output_token_seconds", "Mean time between output tokens after the first, per request.",
+                 self.tpot),
+                ("e2e_request_latency_seconds", "Time from request arrival to its last token.", self.e2e),
+            )
+            for name, text, hist in histograms:
+                head(name, "histogram", text)
+                lines += [p + x for x in hist.lines(name)]
         return "\n".join(lines) + "\n"
 
 
