@@ -1,4 +1,5 @@
-"""Smoke runs of benchmarks/train_throughput.py and benchmarks/decode.py on the CPU (tiny preset).
+"""Smoke runs of benchmarks/train_throughput.py and benchmarks/decode.py on the CPU (tiny preset), and
+the estimators of benchmarks/grpo_gradient_noise.py on known vectors and a tiny policy.
 
 Both scripts run as subprocesses, started together (one thread each) so the two finish in about the
 time of the slower one. Checked: the JSON has a row per implementation with positive tokens/s and a
@@ -15,10 +16,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+import nanoseek
 
 pytest.importorskip("transformers")
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+import grpo_gradient_noise  # noqa: E402
+from test_grpo import init_ckpt  # noqa: E402,F401  (a tiny random policy with its tokenizer)
 COMMON = ["--preset", "tiny", "--steps", "2", "--warmup", "1", "--device", "cpu"]
 TIMEOUT = 240
 
@@ -79,3 +86,42 @@ def test_decode_smoke(runs):
         # float32, identical weights: greedy outputs agree token for token
         assert r["token_match"] > 0.9
     assert "x transformers" in text
+
+
+# ----------------------------------------------------------------------------- GRPO gradient noise
+def test_noise_statistics_recover_a_known_signal_to_noise_ratio():
+    gen = torch.Generator().manual_seed(0)
+    dim, k = 20_000, 40
+    signal = torch.randn(dim, generator=gen)
+    signal /= signal.norm()                                            # |G|² = 1
+    noise = torch.randn(k, dim, generator=gen) * (4.0 / dim ** 0.5)    # E|n|² = 16 per estimate
+    stats = grpo_gradient_noise.noise_statistics(signal + noise, batch_samples=64)
+    assert stats["signal_norm_sq"] == pytest.approx(1.0, abs=0.15)
+    assert stats["noise_to_signal"] == pytest.approx(4.0, rel=0.1)
+    assert stats["b_simple_samples"] == pytest.approx(64 * 16, rel=0.2)
+    assert stats["mean_pairwise_cosine"] == pytest.approx(1 / 17, abs=0.02)
+    # summing 20 estimates per half: cos = 20²/(20² + 20·16)
+    assert stats["halves_cosine"] == pytest.approx(400 / 720, abs=0.08) and stats["halves_samples"] == 20 * 64
+    pure_noise = grpo_gradient_noise.noise_statistics(noise, batch_samples=64)
+    assert abs(pure_noise["mean_pairwise_cosine"]) < 0.01 and pure_noise["noise_to_signal"] > 10
+    with pytest.raises(ValueError, match="at least 2"):
+        grpo_gradient_noise.noise_statistics(noise[:1], batch_samples=64)
+
+
+def test_gradient_noise_of_a_tiny_policy(init_ckpt):  # noqa: F811
+    from nanoseek.tasks import REWARDS, register_reward
+
+    # a reward with variance inside every group, so that the policy gradient is not zero
+    register_reward("text_length_parity", lambda prompt, completion, fields: float(len(completion) % 2),
+                    overwrite=True)
+    try:
+        stats = grpo_gradient_noise.measure(str(init_ckpt), "arithmetic:1", steps=3, prompts=2, group_size=4,
+                                            max_tokens=8, reward="text_length_parity", seed=0, device="cpu")
+    finally:
+        REWARDS.pop("text_length_parity")
+    assert stats["estimates"] == 3 and stats["batch_samples"] == 8 and stats["halves_samples"] == 8
+    assert stats["signal_norm_sq"] + stats["noise_norm_sq"] > 0  # mean |g|² of the three batches
+    assert -1.0 <= stats["mean_pairwise_cosine"] <= 1.0
+    names = [row["param"] for row in stats["largest_gradients"]]
+    assert len(names) == 5 and all(row["mean_norm"] > 0 for row in stats["largest_gradients"])
+    assert set(names) <= {n for n, _ in nanoseek.load(init_ckpt).named_parameters()}
