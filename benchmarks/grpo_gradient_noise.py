@@ -49,7 +49,7 @@ def noise_statistics(grads: torch.Tensor, batch_samples: int) -> dict:
     cos = [float(gram[i, j] / (norms[i] * norms[j])) for i, j in pairs if norms[i] > 0 and norms[j] > 0]
     half = k // 2
     a, b = g[:half].sum(0), g[half:2 * half].sum(0)
-    halves = float(torch.nn.functional.cosine_similarity(a, b, dim=0)) if half else float("nan")
+    halves = float(torch.nn.functional.cosine_similarity(a, b, dim=0))
     ok = signal_sq > 0
     return {
         "estimates": k, "batch_samples": batch_samples,
