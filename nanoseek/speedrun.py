@@ -61,8 +61,8 @@ PRESETS: dict[str, SpeedrunPreset] = {
                       eval_every=325, log_every=10),
         sft=dict(cold_start_n=2000, max_steps=30, batch_size=16, seq_len=256, lr=3e-4, warmup_steps=3,
                  checkpoint_every=30, eval_every=30, log_every=10),
-        grpo=dict(steps=30, prompts_per_step=8, group_size=8, max_tokens=110, temperature=1.0, lr=3e-5,
-                  beta=0.0, checkpoint_every=30, eval_every=0),
+        grpo=dict(steps=50, prompts_per_step=8, group_size=8, max_tokens=110, temperature=1.0, lr=1e-4,
+                  train_layers=1, beta=0.0, checkpoint_every=50, eval_every=0),
         eval_problems=500,
         description="~3M-parameter DeepSeek-V3 (MLA, 8 routed + 1 shared experts, MTP) on 2-digit arithmetic; "
                     "about 14 minutes on 2 CPU cores"),
@@ -75,7 +75,7 @@ PRESETS: dict[str, SpeedrunPreset] = {
         sft=dict(cold_start_n=64, max_steps=4, batch_size=4, seq_len=320, lr=1e-3, warmup_steps=1,
                  checkpoint_every=4, eval_every=4, log_every=2),
         grpo=dict(steps=2, prompts_per_step=2, group_size=4, max_tokens=24, temperature=1.0, lr=1e-4,
-                  beta=0.0, checkpoint_every=2, eval_every=0),
+                  train_layers=1, beta=0.0, checkpoint_every=2, eval_every=0),
         eval_problems=8, eval_max_tokens=24,
         description="a seconds-long smoke run of every stage (CI)"),
     "gpu-small": SpeedrunPreset(

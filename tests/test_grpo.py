@@ -22,6 +22,7 @@ from nanoseek.rl.guard import RLGuard, RLGuardConfig, fitted_change, repetition_
 from nanoseek.tasks import (SYSTEM_PROMPT, Problem, Task, Verdict, get_task, register_reward,
                             register_task)
 from nanoseek.tasks.evaluate import EVAL_SEED_BASE, chat_prompt
+from nanoseek.train.optim import train_top_layers
 
 TASK = "test_first_lower"
 
@@ -404,3 +405,28 @@ def test_micro_batches_accumulate_to_the_minibatch_gradient(init_ckpt, tmp_path,
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-4)
+
+
+def test_train_layers_updates_only_the_top_of_the_model(init_ckpt, tmp_path):
+    model = nanoseek.load(init_ckpt)
+    n_layers = model.config.num_hidden_layers
+    top = (f"model.layers.{n_layers - 1}.", "model.norm.", "lm_head.")
+    n_trainable = train_top_layers(model, 1)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(name.startswith(top) for name in trainable)
+    assert n_trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert not any(p.requires_grad for p in model.mtp.parameters())
+    untouched = nanoseek.load(init_ckpt)
+    assert train_top_layers(untouched, 0) == sum(p.numel() for p in untouched.parameters())
+    with pytest.raises(ValueError, match=f"between 0 and {n_layers}"):
+        train_top_layers(model, n_layers + 1)
+
+    grpo(tmp_path / "run", **run_cfg(init_ckpt, steps=3, prompts_per_step=4, group_size=8, train_layers=1), **QUIET)
+    before = nanoseek.load(init_ckpt).state_dict()
+    after = nanoseek.load(tmp_path / "run" / "final").state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(k.startswith(top[0]) for k in changed) and all(k.startswith(top) for k in changed)
+    with pytest.raises(NanoseekError, match="train_layers"):
+        grpo(tmp_path / "bad", **run_cfg(init_ckpt, train_layers=n_layers + 1), **QUIET)
+    with pytest.raises(NanoseekError, match="train_layers"):
+        build_run_config(run_cfg(init_ckpt, train_layers=-1))

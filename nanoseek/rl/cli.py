@@ -14,7 +14,7 @@ GUARD_KINDS = ("hacking", "length", "kl", "entropy", "repetition")  # RLGuardCon
 ARG_FIELDS = ("init_from", "task", "steps", "prompts_per_step", "group_size", "max_tokens", "temperature", "reward",
               "max_slots", "max_seq_len", "variant", "beta", "eps_low", "eps_high", "loss_mode", "loss_max_len", "mu",
               "dynamic_sampling", "scale_adv_by_std", "overlong_max_len", "overlong_cache_len", "lr", "warmup_steps",
-              "weight_decay", "grad_clip", "minibatches", "micro_batch_size", "bias_update_speed", "seed",
+              "weight_decay", "grad_clip", "train_layers", "minibatches", "micro_batch_size", "bias_update_speed", "seed",
               "checkpoint_every", "keep_last", "eval_every", "eval_n", "samples_every", "device",
               "price_per_device_hour", "report")
 
@@ -58,6 +58,8 @@ def add_grpo_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup-steps", type=int, help="linear warmup steps (default 0), then constant")
     g.add_argument("--weight-decay", type=float, help="AdamW weight decay on matrices (default 0)")
     g.add_argument("--grad-clip", type=float, help="gradient norm clip (default 1.0; <= 0 off)")
+    g.add_argument("--train-layers", type=int, metavar="N",
+                   help="update only the last N decoder layers + final norm + output head (default 0: all)")
     g.add_argument("--minibatches", type=int, help="optimizer steps per pass over a step's samples (default 1)")
     g.add_argument("--micro-batch-size", type=int, help="sequences per forward (memory only; default all)")
     g.add_argument("--bias-update-speed", type=float,

@@ -99,7 +99,9 @@ class GRPORunConfig:
     ``lr`` defaults to 1e-4, a value for nanoseek-scale models (millions of parameters); large models
     want 1e-6..1e-5. ``minibatches`` splits the kept groups of a step into that many optimizer
     steps per pass (μ passes); ``micro_batch_size`` (sequences per forward, 0 = the whole minibatch)
-    only bounds memory: gradients accumulate to exactly the minibatch's loss.
+    only bounds memory: gradients accumulate to exactly the minibatch's loss. ``train_layers`` N > 0
+    updates only the last N decoder layers, the final norm and the output head
+    (:func:`~nanoseek.train.optim.train_top_layers`); 0 updates every parameter.
     """
 
     init_from: str | None = None
@@ -133,6 +135,7 @@ class GRPORunConfig:
     betas: tuple[float, float] = (0.9, 0.99)
     eps: float = 1e-8
     grad_clip: float = 1.0
+    train_layers: int = 0
     minibatches: int = 1
     micro_batch_size: int = 0
     bias_update_speed: float = 0.0
@@ -171,7 +174,7 @@ class GRPORunConfig:
                      "checkpoint_every", "keep_last", "eval_n", "samples_every"):
             v = getattr(self, name)
             need(is_int(v) and v >= 1, f"{name} must be a positive integer, got {v!r}")
-        for name in ("warmup_steps", "micro_batch_size", "eval_every", "samples_per_log", "seed"):
+        for name in ("warmup_steps", "micro_batch_size", "eval_every", "samples_per_log", "seed", "train_layers"):
             v = getattr(self, name)
             need(is_int(v) and v >= 0, f"{name} must be an integer >= 0, got {v!r}")
         for name in ("max_seq_len", "eval_max_tokens"):
@@ -463,7 +466,7 @@ class GRPOTrainer:
         from ..tasks import get_reward, get_task
         from ..train.checkpoint import TOKENIZER_FILES, latest_checkpoint, load_model, read_trainer_state
         from ..train.cost import CostMeter
-        from ..train.optim import param_groups
+        from ..train.optim import param_groups, train_top_layers
 
         self.cfg, self.run_dir, self.log = cfg, run_dir, log
         self.objective = cfg.objective()
@@ -502,6 +505,10 @@ class GRPOTrainer:
                     raise NanoseekError(f"cannot resume: the reference policy {cfg.init_from} (init_from) is gone")
                 ref, _ = load_for_inference(cfg.init_from, str(self.device), "float32")
             self.ref_model = ref.eval().requires_grad_(False)
+        try:
+            self.n_trainable = train_top_layers(self.model, cfg.train_layers)
+        except ValueError as exc:
+            raise ConfigError(f"{cfg.init_from}: {exc}") from None
         groups = [g for g in param_groups(self.model, cfg.weight_decay) if g["params"]]
         for g in groups:
             g.pop("names")
@@ -525,7 +532,7 @@ class GRPOTrainer:
         if state is not None:
             self._restore(state)
         log(f"grpo: device {self.device} ({device_name(self.device)}); policy {cfg.init_from} "
-            f"({self.model.num_parameters() / 1e6:.2f}M parameters); task {cfg.task}:{cfg.difficulty}, reward "
+            f"({self.model.num_parameters() / 1e6:.2f}M parameters, {self.n_trainable / 1e6:.2f}M trained); task {cfg.task}:{cfg.difficulty}, reward "
             f"{cfg.reward}; {cfg.prompts_per_step} prompts x {cfg.group_size} samples, max_tokens {cfg.max_tokens}, "
             f"T={cfg.temperature}; {cfg.variant}: beta {self.objective.beta}, eps {self.objective.eps_low}/"
             f"{self.objective.eps_high}, loss {self.objective.loss_mode}, mu {self.objective.mu}, "

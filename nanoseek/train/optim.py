@@ -45,6 +45,28 @@ def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool =
     ]
 
 
+def train_top_layers(model: nn.Module, n_layers: int) -> int:
+    """Leave only the last ``n_layers`` decoder layers, the final RMSNorm and the output head
+    trainable (``requires_grad``); everything below them, and the MTP modules, is frozen. A tied
+    embedding stays trainable with the head it shares. ``n_layers = 0`` changes nothing.
+    Returns how many parameters are trainable.
+
+    Backward then stops at the lowest trainable layer, and AdamW (which moves every coordinate it
+    holds by about ``lr`` per step whatever the gradient's size) cannot random-walk the frozen ones:
+    this is what lets GRPO's noisy small-batch gradients help a small model instead of eroding it
+    (README, "Speedrun results").
+    """
+    layers = model.model.layers
+    if not 0 <= n_layers <= len(layers):
+        raise ValueError(f"train_layers must be between 0 and {len(layers)} (the model's decoder layers), "
+                         f"got {n_layers}")
+    if n_layers:
+        model.requires_grad_(False)
+        for module in (*layers[len(layers) - n_layers:], model.model.norm, model.lm_head):
+            module.requires_grad_(True)
+    return sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW over :func:`param_groups`; ``fused`` on CUDA, ``foreach`` elsewhere."""
     groups = param_groups(model, cfg.weight_decay, cfg.decay_embeddings)
