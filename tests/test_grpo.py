@@ -385,6 +385,17 @@ def test_a_policy_that_starts_below_the_entropy_floor_is_reported_once(tmp_path)
     assert feed(guard, calm(1, entropy=0.005)) == ["warn"]  # a fast fall is still reported
 
 
+def test_a_policy_that_hovers_at_the_entropy_floor_is_reported_once_per_window(tmp_path):
+    path = tmp_path / "incidents.jsonl"
+    cfg = RLGuardConfig()
+    guard = RLGuard(cfg, path, log=lambda s: None)
+    hover = calm(1, entropy=0.05) + calm(15, entropy=lambda i: (0.028, 0.036, 0.033)[i % 3])
+    assert feed(guard, hover) == ["ok", "warn"] + ["ok"] * 14
+    (incident,) = [json.loads(x) for x in path.read_text().splitlines()]
+    assert incident["step"] == 2 and "fell below the floor 0.03" in incident["detail"]
+    assert feed(guard, calm(cfg.window, entropy=0.05) + calm(1, entropy=0.028)) == ["ok"] * cfg.window + ["warn"]
+
+
 @pytest.mark.parametrize("loss_mode", ["sequence_mean", "token_mean", "constant"])
 def test_micro_batches_accumulate_to_the_minibatch_gradient(init_ckpt, tmp_path, loss_mode):
     weights = []  # the gradients each run hands to the optimizer

@@ -29,9 +29,10 @@ noted):
   ``truncation_fraction`` of the completions hit ``max_tokens`` while the window median was below it;
 - ``kl_blowup``: KL above ``kl_max`` (no history needed), or KL ≥ ``kl_min`` and more than
   ``kl_zscore`` robust sigmas above the window median;
-- ``entropy_collapse``: entropy below ``entropy_floor`` at the first step or while the window
-  median is at or above it (a policy that starts and hovers near the floor is reported once, not
-  every time it dips), or below ``entropy_drop_ratio`` × the window median (falling fast);
+- ``entropy_collapse``: entropy below ``entropy_floor`` at the first step or when the whole window
+  before the current stay below it was above it (a policy that starts or hovers near the floor is
+  reported once, not every time it dips), or below ``entropy_drop_ratio`` × the window median
+  (falling fast);
 - ``repetition``: more than ``repeat_fraction`` of the completions (those with at least
   ``repeat_min_tokens`` tokens) are degenerate: one run of a repeated token or of a repeated
   n-gram (n ≤ ``repeat_ngram``) covers more than ``repeat_coverage`` of the completion
@@ -294,7 +295,13 @@ class RLGuard:
         if ent is None:
             return []
         w = self.windows["entropy"]
-        if ent < cfg.entropy_floor and (not w.values or w.median() >= cfg.entropy_floor):
+        # Below the floor counts when every earlier value in the window was above it, the current stay
+        # below excepted (that stay is reported once, when it starts): a policy hovering at the floor
+        # dips under it again and again, and that is one condition, not one per dip.
+        before_stay = list(w.values)
+        while before_stay and before_stay[-1] < cfg.entropy_floor:
+            before_stay.pop()
+        if ent < cfg.entropy_floor and all(v >= cfg.entropy_floor for v in before_stay):
             what = ("fell below" if w.values else "starts below") + f" the floor {cfg.entropy_floor:g}"
             if not w.values:
                 what += " (little left to explore; after this, only a fast fall is reported)"
