@@ -14,8 +14,8 @@ GUARD_KINDS = ("hacking", "length", "kl", "entropy", "repetition")  # RLGuardCon
 ARG_FIELDS = ("init_from", "task", "steps", "prompts_per_step", "group_size", "max_tokens", "temperature", "reward",
               "max_slots", "max_seq_len", "variant", "beta", "eps_low", "eps_high", "loss_mode", "loss_max_len", "mu",
               "dynamic_sampling", "scale_adv_by_std", "overlong_max_len", "overlong_cache_len", "lr", "warmup_steps",
-              "weight_decay", "grad_clip", "train_layers", "minibatches", "micro_batch_size", "bias_update_speed", "seed",
-              "checkpoint_every", "keep_last", "eval_every", "eval_n", "samples_every", "device",
+              "weight_decay", "grad_clip", "train_layers", "minibatches", "micro_batch_size", "bias_update_speed",
+              "seed", "checkpoint_every", "keep_last", "eval_every", "eval_n", "samples_every", "device",
               "price_per_device_hour", "report")
 
 

@@ -532,10 +532,11 @@ class GRPOTrainer:
         if state is not None:
             self._restore(state)
         log(f"grpo: device {self.device} ({device_name(self.device)}); policy {cfg.init_from} "
-            f"({self.model.num_parameters() / 1e6:.2f}M parameters, {self.n_trainable / 1e6:.2f}M trained); task {cfg.task}:{cfg.difficulty}, reward "
-            f"{cfg.reward}; {cfg.prompts_per_step} prompts x {cfg.group_size} samples, max_tokens {cfg.max_tokens}, "
-            f"T={cfg.temperature}; {cfg.variant}: beta {self.objective.beta}, eps {self.objective.eps_low}/"
-            f"{self.objective.eps_high}, loss {self.objective.loss_mode}, mu {self.objective.mu}, "
+            f"({self.model.num_parameters() / 1e6:.2f}M parameters, {self.n_trainable / 1e6:.2f}M trained); "
+            f"task {cfg.task}:{cfg.difficulty}, reward {cfg.reward}; {cfg.prompts_per_step} prompts x "
+            f"{cfg.group_size} samples, max_tokens {cfg.max_tokens}, T={cfg.temperature}; {cfg.variant}: "
+            f"beta {self.objective.beta}, eps {self.objective.eps_low}/{self.objective.eps_high}, "
+            f"loss {self.objective.loss_mode}, mu {self.objective.mu}, "
             f"dynamic sampling {'on' if self.objective.dynamic_sampling else 'off'}")
 
     # ------------------------------------------------------------------ schedule

@@ -52,9 +52,9 @@ def train_top_layers(model: nn.Module, n_layers: int) -> int:
     Returns how many parameters are trainable.
 
     Backward then stops at the lowest trainable layer, and AdamW (which moves every coordinate it
-    holds by about ``lr`` per step whatever the gradient's size) cannot random-walk the frozen ones:
-    this is what lets GRPO's noisy small-batch gradients help a small model instead of eroding it
-    (README, "Speedrun results").
+    holds by about ``lr`` per step whatever the gradient's size) cannot random-walk the frozen ones;
+    on the cpu speedrun's model this is what keeps GRPO's noisy small-batch gradients from eroding
+    it (README, "Speedrun results").
     """
     layers = model.model.layers
     if not 0 <= n_layers <= len(layers):
@@ -64,7 +64,7 @@ def train_top_layers(model: nn.Module, n_layers: int) -> int:
         model.requires_grad_(False)
         for module in (*layers[len(layers) - n_layers:], model.model.norm, model.lm_head):
             module.requires_grad_(True)
-    return sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)  # a tied weight counts once
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
