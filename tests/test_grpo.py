@@ -425,7 +425,8 @@ def test_train_layers_updates_only_the_top_of_the_model(init_ckpt, tmp_path):
     n_trainable = train_top_layers(model, 1)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(name.startswith(top) for name in trainable)
-    assert n_trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    top_modules = (model.model.layers[-1], model.model.norm, model.lm_head)
+    assert n_trainable == sum(p.numel() for m in top_modules for p in m.parameters())
     assert not any(p.requires_grad for p in model.mtp.parameters())
     untouched = nanoseek.load(init_ckpt)
     assert train_top_layers(untouched, 0) == sum(p.numel() for p in untouched.parameters())
