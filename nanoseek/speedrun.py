@@ -4,7 +4,8 @@
 
 Run directory::
 
-    corpus.jsonl            generated problems with solver-written worked solutions (pretraining text)
+    corpus.jsonl            generated problems with solver-written worked solutions (pretraining text);
+                            a share of them state only the answer, a habit RL can find does not pay
     pretrain/ sft/ grpo/    each stage's own run directory (checkpoints, metrics, cost, report)
     final/                  the last stage's model + tokenizer: what `nanoseek serve/chat --ckpt` take
     metrics.jsonl, incidents.jsonl, cost.json   all stages merged
@@ -46,6 +47,9 @@ class SpeedrunPreset:
     grpo: dict[str, Any]
     eval_problems: int = 200
     eval_max_tokens: int = 160
+    #: share of corpus documents and cold-start examples that state the answer without the working
+    #: (:func:`~nanoseek.tasks.base.answer_only`); the choice between the two habits is left to RL
+    answer_only_fraction: float = 0.0
     description: str = ""
 
 
@@ -63,7 +67,7 @@ PRESETS: dict[str, SpeedrunPreset] = {
                  checkpoint_every=30, eval_every=30, log_every=10),
         grpo=dict(steps=50, prompts_per_step=8, group_size=8, max_tokens=110, temperature=1.0, lr=1e-4,
                   train_layers=1, beta=0.0, checkpoint_every=50, eval_every=0),
-        eval_problems=500,
+        eval_problems=500, answer_only_fraction=0.6,
         description="~3M-parameter DeepSeek-V3 (MLA, 8 routed + 1 shared experts, MTP) on 2-digit arithmetic; "
                     "about 14 minutes on 2 CPU cores"),
     "tiny": SpeedrunPreset(
@@ -76,7 +80,7 @@ PRESETS: dict[str, SpeedrunPreset] = {
                  checkpoint_every=4, eval_every=4, log_every=2),
         grpo=dict(steps=2, prompts_per_step=2, group_size=4, max_tokens=24, temperature=1.0, lr=1e-4,
                   train_layers=1, beta=0.0, checkpoint_every=2, eval_every=0),
-        eval_problems=8, eval_max_tokens=24,
+        eval_problems=8, eval_max_tokens=24, answer_only_fraction=0.6,
         description="a seconds-long smoke run of every stage (CI)"),
     "gpu-small": SpeedrunPreset(
         name="gpu-small", task="arithmetic", difficulty=3, corpus_problems=200000, vocab_size=1024,
@@ -87,7 +91,7 @@ PRESETS: dict[str, SpeedrunPreset] = {
                  checkpoint_every=300, eval_every=100, log_every=10),
         grpo=dict(steps=200, prompts_per_step=64, group_size=8, max_tokens=256, temperature=1.0, lr=1e-4,
                   beta=0.0, checkpoint_every=50, eval_every=50),
-        eval_problems=500, eval_max_tokens=256,
+        eval_problems=500, eval_max_tokens=256, answer_only_fraction=0.6,
         description="the 16M-parameter `small` model on 3-digit arithmetic, for one GPU"),
 }
 
@@ -109,9 +113,10 @@ def base_prompt(tokenizer, problem) -> str:
 
 
 def write_corpus(path: Path, preset: SpeedrunPreset, seed: int) -> int:
-    from .tasks import get_task
+    from .tasks import answer_only_mix, get_task
 
-    problems = get_task(preset.task).generate(seed, preset.corpus_problems, preset.difficulty)
+    problems = answer_only_mix(get_task(preset.task).generate(seed, preset.corpus_problems, preset.difficulty),
+                               preset.answer_only_fraction, seed)
     with open(path, "w", encoding="utf-8") as f:
         for p in problems:
             f.write(json.dumps({"text": corpus_text(p)}) + "\n")
@@ -191,7 +196,8 @@ def run_speedrun(out: str | Path, preset: str = "cpu", seed: int = 0, device: st
 
     corpus = run / "corpus.jsonl"
     n = write_corpus(corpus, p, seed)
-    log(f"speedrun: corpus of {n} {p.task} problems (difficulty {p.difficulty}) with worked solutions")
+    log(f"speedrun: corpus of {n} {p.task} problems (difficulty {p.difficulty}), "
+        f"{p.answer_only_fraction:.0%} answering without the working, the rest with worked solutions")
 
     def held_out(stage: str, ckpt: Path, prompt_fn) -> dict:
         t0 = time.perf_counter()
@@ -220,6 +226,7 @@ def run_speedrun(out: str | Path, preset: str = "cpu", seed: int = 0, device: st
     cold_n = sft_cfg.pop("cold_start_n")
     timed_stage("sft", sft, run / "sft", dict(init_from=str(run / "pretrain" / "final"),
                                               cold_start=[f"{p.task}:{p.difficulty}"], cold_start_n=cold_n,
+                                              cold_start_answer_only=p.answer_only_fraction,
                                               **sft_cfg, **common), log=log)
     results["sft"] = held_out("sft", run / "sft" / "final", chat_prompt)
 

@@ -196,6 +196,24 @@ def test_cold_start_examples_are_the_solver_solutions_below_the_eval_seeds(tmp_p
     assert val is None and meta["splits"]["train"]["packed"] == 5 and len(train) == 5
 
 
+def test_cold_start_answer_only_share_states_the_bare_answer(tmp_path):
+    worked = make_cold_start(["arithmetic:2"], n=400, seed=3)
+    mixed = make_cold_start(["arithmetic:2"], n=400, seed=3, answer_only_fraction=0.5)
+    assert [r["messages"][:2] for r in mixed] == [r["messages"][:2] for r in worked]  # same questions
+    cut = [m for m, w in zip(mixed, worked) if m != w]
+    assert 160 <= len(cut) <= 240  # each example independently, p = 0.5
+    for rec in cut:
+        answer = rec["messages"][2]["content"].rpartition("<answer>")[2].removesuffix("</answer>")
+        assert rec["messages"][2]["content"] == f"<think>The answer is {answer}.</think> <answer>{answer}</answer>"
+    assert make_cold_start(["arithmetic:2"], n=400, seed=3, answer_only_fraction=0.5) == mixed  # seeded
+    every = make_cold_start(["arithmetic:2"], n=50, seed=3, answer_only_fraction=1.0)
+    answers = [p.answer for p in get_task("arithmetic").generate(3, 50, 2)]
+    assert [r["messages"][2]["content"] for r in every] == [
+        f"<think>The answer is {a}.</think> <answer>{a}</answer>" for a in answers]
+    with pytest.raises(nanoseek.NanoseekError, match="answer_only_fraction"):
+        make_cold_start(["arithmetic"], n=2, answer_only_fraction=1.5)
+
+
 # ------------------------------------------------------------------------------------ training
 SFT_RUN = dict(cold_start=["arithmetic:1"], cold_start_n=48, seq_len=192, batch_size=4, max_steps=24, lr=3e-3,
                warmup_steps=2, checkpoint_every=12, eval_every=12, eval_batches=2, val_fraction=0.1, device="cpu",

@@ -36,6 +36,18 @@ def test_every_stage_ran_and_was_scored(speedrun_dir):
     assert cost["total"]["usd"] == pytest.approx(sum(s["usd"] for s in cost["stages"].values()))
 
 
+def test_corpus_and_cold_start_mix_worked_solutions_with_bare_answers(speedrun_dir):
+    """The preset's answer_only_fraction reaches both the pretraining corpus and the cold-start set."""
+    run, _ = speedrun_dir
+    docs = [json.loads(line)["text"] for line in (run / "corpus.jsonl").read_text().splitlines()]
+    bare = [d for d in docs if "<think>The answer is " in d]
+    assert len(docs) == 600 and 300 <= len(bare) <= 420  # answer_only_fraction 0.6
+    assert all(d.count("\n") == 2 for d in bare) and all(d.count("\n") > 2 for d in docs if d not in bare)
+    turns = [json.loads(line)["messages"][2]["content"]
+             for line in (run / "sft" / "cold_start.jsonl").read_text().splitlines()]
+    assert len(turns) == 64 and 0 < sum(t.startswith("<think>The answer is ") for t in turns) < 64
+
+
 def test_report_card_holds_the_measured_numbers(speedrun_dir):
     run, _ = speedrun_dir
     report = (run / "report.md").read_text()

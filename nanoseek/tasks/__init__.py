@@ -21,6 +21,8 @@ from .base import (
     Task,
     TaskDataError,
     Verdict,
+    answer_only,
+    answer_only_mix,
     chat_messages,
     format_completion,
     format_ok,
@@ -48,7 +50,8 @@ from .safe_math import MathParseError, ParsedExpression, parse_expression, safe_
 __all__ = [
     "ANSWER_CLOSE", "ANSWER_OPEN", "MAX_ANSWER_CHARS", "THINK_CLOSE", "THINK_OPEN",
     "Problem", "RegistryError", "Task", "TaskDataError", "Verdict",
-    "SYSTEM_PROMPT", "chat_messages", "format_completion", "format_ok", "format_prompt", "parse_answer",
+    "SYSTEM_PROMPT", "answer_only", "answer_only_mix", "chat_messages", "format_completion", "format_ok",
+    "format_prompt", "parse_answer",
     "ArithmeticTask", "CountdownTask", "LinearTask", "GSM8KTask",
     "check_countdown", "load_gsm8k", "parse_number", "parse_linear_answer",
     "TASKS", "get_task", "list_tasks", "register_task",

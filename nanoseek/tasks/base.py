@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import random
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from typing import Any, Mapping
 
@@ -29,6 +29,8 @@ __all__ = [
     "Verdict",
     "format_prompt",
     "format_completion",
+    "answer_only",
+    "answer_only_mix",
     "chat_messages",
     "SYSTEM_PROMPT",
     "parse_answer",
@@ -143,6 +145,21 @@ def chat_messages(problem: Problem | str, *, with_completion: bool = False) -> l
 def format_completion(problem: Problem) -> str:
     """The ideal completion for SFT: ``<think>{solution}</think> <answer>{answer}</answer>``."""
     return f"{THINK_OPEN}{problem.solution}{THINK_CLOSE} {ANSWER_OPEN}{problem.answer}{ANSWER_CLOSE}"
+
+
+def answer_only(problem: Problem) -> Problem:
+    """``problem`` with its worked solution cut to the bare result, ``"The answer is N."``: how much text
+    states an answer without the working. A small model that learns from such text learns to answer in
+    one step, and is often wrong where the worked form would be right."""
+    return replace(problem, solution=f"The answer is {problem.answer}.")
+
+
+def answer_only_mix(problems: list[Problem], fraction: float, seed: int) -> list[Problem]:
+    """``problems`` with a seeded ``fraction`` of them (each independently) made :func:`answer_only`."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"answer-only fraction must lie in [0, 1], got {fraction!r}")
+    rng = random.Random(f"answer-only:{seed}")
+    return [answer_only(p) if rng.random() < fraction else p for p in problems]
 
 
 def parse_answer(completion: str, *, max_chars: int = MAX_ANSWER_CHARS) -> str | None:

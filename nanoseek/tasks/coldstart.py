@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import ConfigError, NanoseekError
-from .base import chat_messages
+from .base import answer_only_mix, chat_messages
 from .evaluate import EVAL_SEED_BASE
 from .registry import get_task
 
@@ -58,16 +58,19 @@ def _specs(task_names: Sequence[str], difficulties) -> list[tuple[str, int]]:
 
 
 def make_cold_start(task_names: Sequence[str], n: int, difficulties: int | Sequence[int | None] | None = None,
-                    seed: int = 0) -> list[dict[str, Any]]:
+                    seed: int = 0, answer_only_fraction: float = 0.0) -> list[dict[str, Any]]:
     """``n`` chat examples in total, split as evenly as possible over the tasks (the first ones take the
     remainder), interleaved task by task. ``task_names`` may carry ``:DIFFICULTY``; ``difficulties`` is
     one value for all tasks or one per task (default 1). Each record is ``{"messages": [...], "task",
-    "difficulty"}``; problem seeds stay below :data:`EVAL_SEED_BASE`."""
+    "difficulty"}``; problem seeds stay below :data:`EVAL_SEED_BASE`. ``answer_only_fraction`` of the
+    examples (seeded) state the answer without the working (:func:`~nanoseek.tasks.base.answer_only`)."""
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ConfigError(f"cold start: n must be a positive integer, got {n!r}")
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < EVAL_SEED_BASE:
         raise ConfigError(f"cold start: seed must lie in [0, {EVAL_SEED_BASE}) (the seeds above are held out "
                           f"for evaluation), got {seed!r}")
+    if not isinstance(answer_only_fraction, (int, float)) or not 0.0 <= answer_only_fraction <= 1.0:
+        raise ConfigError(f"cold start: answer_only_fraction must lie in [0, 1], got {answer_only_fraction!r}")
     specs = _specs(task_names, difficulties)
     per_task = [n // len(specs) + (1 if i < n % len(specs) else 0) for i in range(len(specs))]
     columns = []
@@ -79,10 +82,10 @@ def make_cold_start(task_names: Sequence[str], n: int, difficulties: int | Seque
             raise
         except (ValueError, OSError) as exc:
             raise NanoseekError(f"cold start: task {name} cannot generate problems: {exc}") from None
+        if any(not problem.solution.strip() for problem in problems):
+            raise NanoseekError(f"cold start: task {name} has no worked solutions to learn from")
         column = []
-        for problem in problems:
-            if not problem.solution.strip():
-                raise NanoseekError(f"cold start: task {name} has no worked solutions to learn from")
+        for problem in answer_only_mix(problems, answer_only_fraction, seed):
             column.append({"messages": chat_messages(problem, with_completion=True), "task": name,
                            "difficulty": diff})
         columns.append(column)

@@ -106,16 +106,18 @@ class SFTTrainer(Trainer):
         return train, val
 
 
-def cold_start_maker(run_dir: Path, specs: list[str], n: int, seed: int) -> Callable[[Callable], None]:
+def cold_start_maker(run_dir: Path, specs: list[str], n: int, seed: int,
+                     answer_only: float = 0.0) -> Callable[[Callable], None]:
     """``make_data`` that writes ``RUN_DIR/cold_start.jsonl`` (:func:`nanoseek.tasks.coldstart.make_cold_start`)."""
 
     def make(log: Callable) -> None:
         from ..tasks.coldstart import make_cold_start, write_jsonl
 
-        records = make_cold_start(specs, n, seed=seed)
+        records = make_cold_start(specs, n, seed=seed, answer_only_fraction=answer_only)
         write_jsonl(records, run_dir / COLD_START_FILE)
+        mix = f", {answer_only:.0%} of them answer-only" if answer_only else ""
         log(f"cold start: {len(records)} chat examples from the solvers of {', '.join(specs)} "
-            f"(problem seed {seed}) in {run_dir / COLD_START_FILE}")
+            f"(problem seed {seed}{mix}) in {run_dir / COLD_START_FILE}")
 
     return make
 
@@ -135,7 +137,8 @@ def sft(out: str | os.PathLike, overrides: dict[str, Any], resume: bool = False,
     """Run (or ``resume``) an SFT run in ``out``. Returns the trainer's summary (``final``: RUN_DIR/final).
 
     ``overrides`` are TrainConfig fields plus ``cold_start`` (``["task[:difficulty]", ...]``),
-    ``cold_start_n`` (examples in total, default 2000) and ``cold_start_seed`` (default: ``seed``).
+    ``cold_start_n`` (examples in total, default 2000), ``cold_start_seed`` (default: ``seed``) and
+    ``cold_start_answer_only`` (the share of examples without the working, default 0).
     A fresh run needs a model (``init_from``, or ``preset``/``config`` with ``tokenizer``) and data
     (``data`` chat JSONL files and/or ``cold_start``); unset TrainConfig fields take
     :data:`SFT_DEFAULTS`, then the TrainConfig defaults. ``make_data(log)``, when given, runs on a
@@ -148,6 +151,7 @@ def sft(out: str | os.PathLike, overrides: dict[str, Any], resume: bool = False,
         cold = [cold]
     cold_n = int(overrides.pop("cold_start_n", DEFAULT_COLD_START_N))
     cold_seed = overrides.pop("cold_start_seed", None)
+    cold_answer_only = float(overrides.pop("cold_start_answer_only", 0.0))
     if resume:
         check_stage(run_dir, stage)
         return run_stage(run_dir, overrides, True, log, functools.partial(SFTTrainer, stage=stage))
@@ -162,9 +166,9 @@ def sft(out: str | os.PathLike, overrides: dict[str, Any], resume: bool = False,
         from ..tasks.coldstart import make_cold_start
 
         seed = int(cold_seed if cold_seed is not None else overrides.get("seed", 0))
-        make_cold_start(cold, 1, seed=seed)  # check the specs and the seed before any work
+        make_cold_start(cold, 1, seed=seed, answer_only_fraction=cold_answer_only)  # check before any work
         data.insert(0, str(run_dir / COLD_START_FILE))
-        makers.append(cold_start_maker(run_dir, list(cold), cold_n, seed))
+        makers.append(cold_start_maker(run_dir, list(cold), cold_n, seed, cold_answer_only))
     if not data:
         raise NanoseekError(f"{stage} needs data: --data FILE.jsonl ... (chat JSONL) and/or "
                             f"--cold-start TASK[:DIFFICULTY]")

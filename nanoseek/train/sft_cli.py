@@ -78,6 +78,8 @@ def add_sft_arguments(p: argparse.ArgumentParser) -> None:
                         "worked solutions in the chat format (R1 cold start)")
     p.add_argument("--cold-start-n", type=int, help="cold-start examples in total (default 2000)")
     p.add_argument("--cold-start-seed", type=int, help="problem seed of the cold-start set (default: --seed)")
+    p.add_argument("--cold-start-answer-only", type=float, metavar="FRACTION",
+                   help="share of cold-start examples that state the answer without the working (default 0)")
     _add_training_arguments(p)
 
 
@@ -89,7 +91,8 @@ def sft_main(args: argparse.Namespace) -> int:
         raise NanoseekError("sft needs --init-from CKPT (the model to fine-tune)")
     overrides = training_overrides(args, SFT_FIELDS)
     overrides.update(init_from=args.init_from, data=args.data, cold_start=args.cold_start,
-                     cold_start_n=args.cold_start_n, cold_start_seed=args.cold_start_seed)
+                     cold_start_n=args.cold_start_n, cold_start_seed=args.cold_start_seed,
+                     cold_start_answer_only=args.cold_start_answer_only)
     result = sft(args.out, overrides, resume=args.resume)
     print(f"final model: {result.get('final')}")
     return 0
