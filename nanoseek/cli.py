@@ -77,7 +77,7 @@ def cmd_speedrun(args: argparse.Namespace) -> int:
 
     out = args.out or Path("runs") / f"speedrun-{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_speedrun(out, preset=args.preset, seed=args.seed, device=args.device,
-                 price_per_device_hour=args.price_per_hour)
+                 price_per_device_hour=args.price_per_hour, answer_only_fraction=args.answer_only)
     return 0
 
 
@@ -200,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cuda, xpu, npu, mps or cpu")
     p.add_argument("--price-per-hour", type=float, default=2.0, help="$ per device-hour for the cost table")
+    p.add_argument("--answer-only", type=float, default=None, metavar="FRACTION",
+                   help="share of corpus and cold-start problems answered without the working (default: the "
+                        "preset's, 0.6); 0 trains only on worked solutions")
     p.set_defaults(handler=cmd_speedrun)
 
     helps = {

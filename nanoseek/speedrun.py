@@ -163,8 +163,10 @@ class _Clock:
 
 
 def run_speedrun(out: str | Path, preset: str = "cpu", seed: int = 0, device: str = "auto",
-                 price_per_device_hour: float = 2.0, log: Callable[[str], None] = print) -> dict:
-    """Run every stage into ``out``; returns the summary (also written to ``out/summary.json``)."""
+                 price_per_device_hour: float = 2.0, log: Callable[[str], None] = print,
+                 answer_only_fraction: float | None = None) -> dict:
+    """Run every stage into ``out``; returns the summary (also written to ``out/summary.json``).
+    ``answer_only_fraction`` replaces the preset's :attr:`SpeedrunPreset.answer_only_fraction`."""
     from .config import get_preset
     from .device import device_name, pick_device
     from .infer.cli import load_for_inference
@@ -178,6 +180,10 @@ def run_speedrun(out: str | Path, preset: str = "cpu", seed: int = 0, device: st
     if preset not in PRESETS:
         raise NanoseekError(f"unknown speedrun preset {preset!r} (choose from {', '.join(PRESETS)})")
     p = PRESETS[preset]
+    if answer_only_fraction is not None:
+        if not 0.0 <= answer_only_fraction <= 1.0:
+            raise NanoseekError(f"--answer-only must lie in [0, 1], got {answer_only_fraction}")
+        p = dataclasses.replace(p, answer_only_fraction=answer_only_fraction)
     run = Path(out).expanduser().resolve()
     if (run / SUMMARY_FILE).exists():
         raise NanoseekError(f"{run} already holds a finished speedrun ({SUMMARY_FILE}); choose another --out")
@@ -245,6 +251,7 @@ def run_speedrun(out: str | Path, preset: str = "cpu", seed: int = 0, device: st
     _merge_jsonl([d / "incidents.jsonl" for d in stage_dirs], run / "incidents.jsonl")
     costs = _merge_costs(stage_dirs, {"eval": clock.as_stage(), "setup": setup.as_stage()}, run / "cost.json")
     summary = {"preset": p.name, "seed": seed, "task": p.task, "difficulty": p.difficulty,
+               "answer_only_fraction": p.answer_only_fraction,
                "wall_seconds": time.perf_counter() - started, "device": device_name(dev), "stages": {}}
     previous = None
     for stage, res in results.items():

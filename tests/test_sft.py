@@ -260,6 +260,10 @@ def test_sft_input_errors(init_ckpt, tmp_path, capsys):
     assert main(["sft", "--init-from", str(init_ckpt), "--cold-start", "arithmetic:x", "--out",
                  str(tmp_path / "b")]) == 2
     assert "positive integer" in capsys.readouterr().err
+    assert main(["sft", "--init-from", str(init_ckpt), "--cold-start", "arithmetic", "--cold-start-answer-only",
+                 "2", "--out", str(tmp_path / "d")]) == 2
+    assert "answer_only_fraction must lie in [0, 1], got 2.0" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "x"}]}\n')
     assert main(["sft", "--init-from", str(init_ckpt), "--data", str(bad), "--out", str(tmp_path / "c"),

@@ -41,7 +41,8 @@ def test_corpus_and_cold_start_mix_worked_solutions_with_bare_answers(speedrun_d
     run, _ = speedrun_dir
     docs = [json.loads(line)["text"] for line in (run / "corpus.jsonl").read_text().splitlines()]
     bare = [d for d in docs if "<think>The answer is " in d]
-    assert len(docs) == 600 and 300 <= len(bare) <= 420  # answer_only_fraction 0.6
+    assert json.loads((run / "summary.json").read_text())["answer_only_fraction"] == 0.6
+    assert len(docs) == 600 and 300 <= len(bare) <= 420
     assert all(d.count("\n") == 2 for d in bare) and all(d.count("\n") > 2 for d in docs if d not in bare)
     turns = [json.loads(line)["messages"][2]["content"]
              for line in (run / "sft" / "cold_start.jsonl").read_text().splitlines()]
@@ -65,3 +66,12 @@ def test_final_checkpoint_is_servable_and_the_run_says_how(speedrun_dir):
     assert (final / "tokenizer.json").is_file()
     assert model.config.num_nextn_predict_layers == 1
     assert f"nanoseek chat --ckpt {final}" in out and f"nanoseek serve --ckpt {final}" in out
+
+
+def test_answer_only_override_is_checked_before_any_work(tmp_path, capsys):
+    from nanoseek.cli import main
+
+    assert main(["speedrun", "--preset", "tiny", "--out", str(tmp_path / "run"), "--answer-only", "1.5"]) == 2
+    err = capsys.readouterr().err
+    assert "--answer-only" in err and "1.5" in err and not (tmp_path / "run").exists()
+
