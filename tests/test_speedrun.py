@@ -43,7 +43,7 @@ def test_corpus_and_cold_start_mix_worked_solutions_with_bare_answers(speedrun_d
     bare = [d for d in docs if "<think>The answer is " in d]
     assert json.loads((run / "summary.json").read_text())["answer_only_fraction"] == 0.6
     assert len(docs) == 600 and 300 <= len(bare) <= 420
-    assert all(d.count("\n") == 2 for d in bare) and all(d.count("\n") > 2 for d in docs if d not in bare)
+    assert all(d.count("\n") == 1 for d in bare) and all(d.count("\n") > 1 for d in docs if d not in bare)
     turns = [json.loads(line)["messages"][2]["content"]
              for line in (run / "sft" / "cold_start.jsonl").read_text().splitlines()]
     assert len(turns) == 64 and 0 < sum(t.startswith("<think>The answer is ") for t in turns) < 64
