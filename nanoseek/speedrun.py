@@ -99,7 +99,7 @@ PRESETS: dict[str, SpeedrunPreset] = {
 def corpus_text(problem) -> str:
     """A pretraining document: the question, a newline (where the chat template puts its role tokens)
     and the completion. The chat form's constant system instruction is left out: repeated in every
-    document it took a third of each step's tokens and taught nothing; the cold-start SFT, which
+    document it took a quarter of each step's tokens and taught nothing; the cold-start SFT, which
     teaches the role tokens, also teaches the model to read past it."""
     from .tasks import format_completion
 

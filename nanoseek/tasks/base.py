@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from typing import Any, Mapping
 
-from ..errors import NanoseekError
+from ..errors import ConfigError, NanoseekError
 
 __all__ = [
     "Problem",
@@ -156,8 +156,8 @@ def answer_only(problem: Problem) -> Problem:
 
 def answer_only_mix(problems: list[Problem], fraction: float, seed: int) -> list[Problem]:
     """``problems`` with a seeded ``fraction`` of them (each independently) made :func:`answer_only`."""
-    if not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"answer-only fraction must lie in [0, 1], got {fraction!r}")
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
+        raise ConfigError(f"answer_only_fraction must lie in [0, 1], got {fraction!r}")
     rng = random.Random(f"answer-only:{seed}")
     return [answer_only(p) if rng.random() < fraction else p for p in problems]
 

@@ -69,8 +69,6 @@ def make_cold_start(task_names: Sequence[str], n: int, difficulties: int | Seque
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < EVAL_SEED_BASE:
         raise ConfigError(f"cold start: seed must lie in [0, {EVAL_SEED_BASE}) (the seeds above are held out "
                           f"for evaluation), got {seed!r}")
-    if not isinstance(answer_only_fraction, (int, float)) or not 0.0 <= answer_only_fraction <= 1.0:
-        raise ConfigError(f"cold start: answer_only_fraction must lie in [0, 1], got {answer_only_fraction!r}")
     specs = _specs(task_names, difficulties)
     per_task = [n // len(specs) + (1 if i < n % len(specs) else 0) for i in range(len(specs))]
     columns = []
