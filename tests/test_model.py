@@ -194,8 +194,8 @@ def test_training_outputs_and_backward():
     ids = torch.randint(0, cfg.vocab_size, (2, 9))
     out = model(ids, labels=ids)
     assert out.logits.shape == (2, 9, cfg.vocab_size)
-    assert out.expert_load.shape == (cfg.n_moe_layers, cfg.n_routed_experts)
-    assert out.expert_load.sum(-1).tolist() == [2 * 9 * cfg.num_experts_per_tok] * cfg.n_moe_layers
+    assert out.expert_load.shape == (len(model.moe_routers()), cfg.n_routed_experts)  # MTP block's row last
+    assert out.expert_load[: cfg.n_moe_layers].sum(-1).tolist() == [2 * 9 * cfg.num_experts_per_tok] * cfg.n_moe_layers
     assert out.aux_loss is not None and out.aux_loss.item() > 0
     expected = out.lm_loss + cfg.mtp_loss_weight * out.mtp_loss + out.aux_loss
     assert out.loss.item() == pytest.approx(expected.item(), rel=1e-6)

@@ -30,9 +30,11 @@ IGNORE_INDEX = -100
 class CausalLMOutput:
     """What a forward returns. Losses are set only when ``labels`` are given.
 
-    ``loss = lm_loss + mtp_loss_weight·mtp_loss + aux_loss``; ``expert_load`` [n_moe_layers, E] counts
-    the tokens each routed expert received (main-model MoE layers, in order) — the trainer feeds it
-    to the auxiliary-loss-free bias update.
+    ``loss = lm_loss + mtp_loss_weight·mtp_loss + aux_loss``; ``expert_load`` [rows, E] counts the
+    tokens each routed expert received: one row per main-model MoE layer, in order, followed by one
+    per MoE block of the MTP modules when they ran (a forward with labels and no cache). Its rows
+    pair with the first rows of :meth:`DeepSeekV3.moe_routers`; the trainer feeds them to the
+    auxiliary-loss-free bias update, so the MTP routers are balanced like the others.
     """
 
     logits: torch.Tensor
@@ -121,8 +123,9 @@ class DeepSeekV3(nn.Module):
         self.model.rotary_emb.reset_buffers()
 
     def moe_routers(self) -> list[Router]:
-        """The routers of the main model's MoE layers, in the row order of ``expert_load``."""
-        return [layer.mlp.gate for layer in self.model.layers if layer.is_moe]
+        """Every MoE router, in the row order of ``expert_load``: the main layers', then the MTP blocks'."""
+        blocks = [*self.model.layers, *(module.block for module in self.mtp)]
+        return [block.mlp.gate for block in blocks if block.is_moe]
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
@@ -151,17 +154,19 @@ class DeepSeekV3(nn.Module):
         hidden = self.model.norm(hidden)
         logits = self.lm_head(hidden)
         out = CausalLMOutput(logits=logits, hidden_states=hidden if return_hidden else None)
+        if labels is not None:
+            out.lm_loss = causal_lm_loss(logits, labels)
+            if self.mtp and cache is None:
+                out.mtp_loss, out.mtp_logits, mtp_stats = self._mtp_loss(hidden, input_ids, labels, cos, sin, alpha)
+                stats += mtp_stats
         if stats:
             out.expert_load = torch.stack([s.expert_load for s in stats])
         if labels is None:
             return out
 
-        out.lm_loss = causal_lm_loss(logits, labels)
         balance = [s.balance_loss for s in stats if s.balance_loss is not None]
         loss = out.lm_loss
-        if self.mtp and cache is None:
-            out.mtp_loss, out.mtp_logits, mtp_balance = self._mtp_loss(hidden, input_ids, labels, cos, sin, alpha)
-            balance += mtp_balance
+        if out.mtp_loss is not None:
             loss = loss + lam * out.mtp_loss
         if balance:
             out.aux_loss = torch.stack(balance).sum()
@@ -181,9 +186,12 @@ class DeepSeekV3(nn.Module):
         return x, stats
 
     def _mtp_loss(self, hidden, input_ids, labels, cos, sin, alpha):
-        """Mean over depths k = 1..D of the CE of predicting ``labels[:, i+k]`` (V3 report eq. 24-25)."""
+        """Mean over depths k = 1..D of the CE of predicting ``labels[:, i+k]`` (V3 report eq. 24-25).
+
+        Returns (loss, logits per depth, the MoE statistics of the depths' blocks).
+        """
         seq = input_ids.shape[1]
-        losses, all_logits, balance = [], [], []
+        losses, all_logits, all_stats = [], [], []
         prev = hidden
         for k, module in enumerate(self.mtp, start=1):
             if seq - k <= 0:
@@ -191,14 +199,14 @@ class DeepSeekV3(nn.Module):
             next_embeds = self.model.embed_tokens(input_ids[:, k:])
             x = module.combine(prev[:, : seq - k], next_embeds)
             x, stats = self._run_layers([module.block], x, cos[:, : seq - k], sin[:, : seq - k], None, alpha)
-            balance += [s.balance_loss for s in stats if s.balance_loss is not None]
+            all_stats += stats
             logits = self.lm_head(module.norm(x))
             losses.append(causal_lm_loss(logits, labels[:, k:]))
             all_logits.append(logits)
             prev = x
         if not losses:
-            return hidden.new_zeros(()), all_logits, balance
-        return torch.stack(losses).mean(), all_logits, balance
+            return hidden.new_zeros(()), all_logits, all_stats
+        return torch.stack(losses).mean(), all_logits, all_stats
 
     def mtp_draft_logits(self, module_index: int, prev_hidden: torch.Tensor, next_ids: torch.Tensor,
                          position_ids: torch.Tensor | None = None, cache: StaticLatentCache | None = None
