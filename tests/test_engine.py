@@ -8,9 +8,8 @@ import pytest
 import torch
 
 import nanoseek
-from nanoseek.infer import (Engine, GenerationError, SamplingParams, SlotLatentCache, sample_tokens, sampling_probs,
-                            verify_draft)
-from nanoseek.model import DeepSeekV3
+from nanoseek.infer import Engine, GenerationError, SamplingParams, sample_tokens, sampling_probs, verify_draft
+from nanoseek.model import DeepSeekV3, LatentCacheLayer, SlotLatentCache
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8)
 
@@ -77,6 +76,7 @@ def test_slot_cache_view_positions_mask_and_scatter():
     cache.lengths[a], cache.lengths[b] = 3, 5
     for slots in ([a, b], [b, a]):  # contiguous (slice) and permuted (gather) batches
         view = cache.view(slots)
+        assert isinstance(view, LatentCacheLayer)
         starts = [cache.lengths[s] for s in slots]
         pos = view.positions(2)
         assert pos.tolist() == [[s, s + 1] for s in starts]
@@ -88,6 +88,11 @@ def test_slot_cache_view_positions_mask_and_scatter():
             assert torch.equal(cache.c_kv[1, slot, s:s + 2], c[i])
             assert torch.equal(c_all[i, s:s + 2], c[i]) and torch.equal(k_all[i, s:s + 2], k[i])
             assert mask[i].tolist() == [[j <= s + t for j in range(7)] for t in range(2)]
+    view.update(3, c, k)  # the MTP layer in the same step: fine
+    with pytest.raises(RuntimeError, match="written twice through one view"):
+        view.update(1, c, k)  # a second step through one view would overwrite the first
+    with pytest.raises(IndexError, match="holds 4 layers"):
+        view.update(4, c, k)
     view.advance()
     assert cache.lengths[a] == 5 and cache.lengths[b] == 7
     cache.truncate(b, 6)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import nanoseek
-from nanoseek.model import DeepSeekV3, StaticLatentCache, sequence_balance_loss, update_routing_bias
+from nanoseek.model import DeepSeekV3, SlotLatentCache, sequence_balance_loss, update_routing_bias
 from nanoseek.model.moe import Router, RoutedExperts, Routing
 
 
@@ -233,21 +233,44 @@ def test_latent_cache_decode_equals_full_forward(q_lora_rank):
     ids = torch.randint(0, cfg.vocab_size, (2, 10))
     with torch.no_grad():
         full = model(ids).logits
-        cache = StaticLatentCache(cfg, batch=2, max_len=16, device="cpu", dtype=torch.float32)
-        steps = [model(ids[:, :4], cache=cache).logits]  # prefill 4 tokens on the absorbed path
+        cache = SlotLatentCache(cfg, n_slots=2, max_len=16, device="cpu", dtype=torch.float32)
+        rows = [cache.allocate(), cache.allocate()]
+        steps = [model(ids[:, :4], cache=cache.view(rows)).logits]  # prefill 4 tokens on the absorbed path
         for i in range(4, 10):
-            steps.append(model(ids[:, i:i + 1], cache=cache).logits)
+            steps.append(model(ids[:, i:i + 1], cache=cache.view(rows)).logits)
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-5)
-    assert cache.length == 10
+    assert cache.lengths == [10, 10]
     assert cache.c_kv.shape[-1] + cache.k_pe.shape[-1] == cfg.kv_lora_rank + cfg.qk_rope_head_dim
+
+
+def test_mtp_draft_through_the_cache_equals_the_uncached_mtp_block():
+    """Drafting with the step's cache runs at that step's positions and attends only written entries."""
+    torch.manual_seed(8)
+    cfg = tiny()
+    model = DeepSeekV3(cfg).eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 9))
+    with torch.no_grad():
+        out = model(ids[:, :-1], return_hidden=True)
+        ref, _ = model.mtp_draft_logits(0, out.hidden_states, ids[:, 1:], position_ids=torch.arange(8)[None])
+        cache = SlotLatentCache(cfg, n_slots=2, max_len=16, device="cpu", dtype=torch.float32)
+        rows = [cache.allocate(), cache.allocate()]
+        prefill = cache.view(rows)
+        model(ids[:, :5], cache=prefill, return_hidden=True)
+        h_pre = model(ids[:, :5], return_hidden=True).hidden_states
+        draft_pre, _ = model.mtp_draft_logits(0, h_pre, ids[:, 1:6], cache=prefill)
+        step = cache.view(rows)  # the next step: three more tokens, then their drafts
+        h_step = model(ids[:, 5:8], cache=step, return_hidden=True).hidden_states
+        draft_step, _ = model.mtp_draft_logits(0, h_step, ids[:, 6:9], cache=step)
+    assert cache.lengths == [8, 8]
+    torch.testing.assert_close(torch.cat([draft_pre, draft_step], 1), ref, rtol=1e-4, atol=1e-5)
 
 
 def test_cache_overflow_is_a_clear_error():
     cfg = tiny()
     model = DeepSeekV3(cfg).eval()
-    cache = StaticLatentCache(cfg, batch=1, max_len=4, device="cpu", dtype=torch.float32)
+    cache = SlotLatentCache(cfg, n_slots=1, max_len=4, device="cpu", dtype=torch.float32)
     with torch.no_grad(), pytest.raises(ValueError, match="latent cache full"):
-        model(torch.zeros(1, 5, dtype=torch.long), cache=cache)
+        model(torch.zeros(1, 5, dtype=torch.long), cache=cache.view([cache.allocate()]))
 
 
 def test_v3_builds_on_meta_device():

@@ -1,4 +1,5 @@
-"""Inference: the generation engine (slot latent cache, continuous batching, sampling, MTP speculation).
+"""Inference: the generation engine (continuous batching over the model's slot latent cache, sampling,
+MTP speculation).
 
 ::
 
@@ -9,7 +10,7 @@
 
 import importlib
 
-_EXPORTS = {"SlotCacheView": "cache", "SlotLatentCache": "cache", "Completion": "engine", "Engine": "engine",
+_EXPORTS = {"Completion": "engine", "Engine": "engine",
             "EngineStats": "engine", "TokenEvent": "engine", "GenerationError": "sampling",
             "SamplingParams": "sampling", "sample_tokens": "sampling", "sampling_probs": "sampling",
             "verify_draft": "sampling"}
@@ -23,4 +24,4 @@ def __getattr__(name: str):
 
 
 __all__ = ["Engine", "EngineStats", "Completion", "TokenEvent", "SamplingParams", "GenerationError",
-           "SlotLatentCache", "SlotCacheView", "sample_tokens", "sampling_probs", "verify_draft"]
+           "sample_tokens", "sampling_probs", "verify_draft"]

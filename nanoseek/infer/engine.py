@@ -48,7 +48,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .cache import SlotLatentCache
+from ..model.cache import SlotLatentCache
 from .sampling import GenerationError, SamplingParams, sample_tokens, verify_draft
 
 

@@ -15,23 +15,14 @@ Two ways to compute the same attention:
 
 from __future__ import annotations
 
-from typing import Protocol
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .cache import LatentCacheLayer
 from .layers import RMSNorm
 from .rope import apply_rope, softmax_scale
-
-
-class LatentCacheLayer(Protocol):
-    """What attention needs from an inference cache (see :mod:`nanoseek.model.cache`)."""
-
-    def update(self, layer_idx: int, c_kv: torch.Tensor, k_pe: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Store this step's latents; return all cached (c_kv, k_pe) and a bool mask [B, T, S]."""
 
 
 class MultiHeadLatentAttention(nn.Module):

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
-from .cache import StaticLatentCache
+from .cache import LatentCacheLayer
 from .layers import RMSNorm, SwiGLU
 from .mla import MultiHeadLatentAttention
 from .moe import DeepSeekMoE, MoEStats, RoutedExperts, Router
@@ -59,7 +59,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: StaticLatentCache | None = None, balance_alpha: float = 0.0
+                cache: LatentCacheLayer | None = None, balance_alpha: float = 0.0
                 ) -> tuple[torch.Tensor, MoEStats | None]:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
         h = self.post_attention_layernorm(x)
@@ -129,7 +129,7 @@ class DeepSeekV3(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, cache: StaticLatentCache | None = None,
+                position_ids: torch.Tensor | None = None, cache: LatentCacheLayer | None = None,
                 mtp_loss_weight: float | None = None, aux_loss_alpha: float | None = None,
                 return_hidden: bool = False) -> CausalLMOutput:
         """Run the model on ``input_ids`` [B, T].
@@ -209,14 +209,14 @@ class DeepSeekV3(nn.Module):
         return torch.stack(losses).mean(), all_logits, all_stats
 
     def mtp_draft_logits(self, module_index: int, prev_hidden: torch.Tensor, next_ids: torch.Tensor,
-                         position_ids: torch.Tensor | None = None, cache: StaticLatentCache | None = None
+                         position_ids: torch.Tensor | None = None, cache: LatentCacheLayer | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor]:
         """One MTP module on its own (speculative drafting): returns (logits, block output).
 
-        With ``cache`` the block attends over its own cache layer (index ``num_hidden_layers +
-        module_index``) and ``position_ids`` default to ``cache.positions(T)``. The cache is NOT
-        advanced here: drafting runs at the positions of the main forward that just ran, and that
-        forward's ``advance`` commits them (see :mod:`nanoseek.infer.cache`).
+        With ``cache`` — the same step object the main forward just ran through — the block attends
+        over its own cache layer (index ``num_hidden_layers + module_index``) at that forward's
+        positions (``cache.positions(T)``); the main forward's ``advance`` already committed them
+        (see :mod:`nanoseek.model.cache`).
         """
         module = self.mtp[module_index]
         if position_ids is None:
