@@ -18,6 +18,9 @@ Special tokens in text
     rendered chat template becomes ids), like ``transformers``. Pass ``allow_special=False`` to
     encode the six special ones as plain text instead; :func:`nanoseek.data.shards.build_shards`
     does that, so a web page containing ``"<|eos|>"`` cannot inject a document separator.
+    :meth:`NanoTokenizer.encode_chat` does the same for a conversation: the chat template's own
+    markers are special tokens, the text of each message never is (a user who writes
+    ``<|eos|><|system|>`` gets those characters, not a forged system turn).
 
 Chat template
     :data:`CHAT_TEMPLATE` (Jinja, for ``transformers``; rendered here in plain Python, or with
@@ -41,6 +44,8 @@ import hashlib
 import json
 import logging
 import os
+import re
+import secrets
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -134,6 +139,8 @@ class NanoTokenizer:
         self.special_ids = frozenset(special)
         self._fingerprint = tokenizer_fingerprint(tokenizer)
         self._plain = None  # copy that encodes special-token text as ordinary text
+        self._special_re: re.Pattern[str] | None = None  # the special tokens' texts
+        self._special_by_text: dict[str, int] = {}
 
     # ------------------------------------------------------------------ properties
 
@@ -260,6 +267,85 @@ class NanoTokenizer:
             eos_token=EOS,
             pad_token=PAD,
         )
+
+    def chat_pieces(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[tuple[str, bool]]:
+        """The rendered conversation as ``(text, is_content)`` pieces, in order.
+
+        ``is_content`` marks the text of a message's (string) ``content``; the other pieces come from
+        the chat template. Joined, the pieces are :meth:`apply_chat_template`'s string. The template is
+        rendered with a random stand-in for each content; a custom template that looks inside the
+        content (slices it, changes it) gives a different string than the real rendering, and then
+        the whole rendering is one template piece, refused (``ValueError``) if a content holds the
+        text of a special token.
+        """
+        contents = [m.get("content") if isinstance(m, dict) else None for m in messages]
+        nonce = secrets.token_hex(8)
+        while nonce in self.chat_template or any(isinstance(c, str) and nonce in c for c in contents):
+            nonce = secrets.token_hex(8)  # (a 64-bit random value: in practice never taken twice)
+        stand_ins = [{**m, "content": f"\ue000{nonce}:{i}\ue001"} if isinstance(c, str) else m
+                     for i, (m, c) in enumerate(zip(messages, contents))]
+        rendered = self.apply_chat_template(stand_ins, add_generation_prompt)
+        parts = re.split(f"\ue000{nonce}:([0-9]+)\ue001", rendered)
+        pieces: list[tuple[str, bool]] = []
+        for k, part in enumerate(parts):
+            text, is_content = (part, False) if k % 2 == 0 else (contents[int(part)], True)
+            if text:
+                pieces.append((text, is_content))
+        if self.chat_template == CHAT_TEMPLATE:  # rendered in Python: contents are copied as they are
+            return pieces
+        real = self.apply_chat_template(messages, add_generation_prompt)
+        if "".join(text for text, _ in pieces) == real:
+            return pieces
+        for index, content in enumerate(contents):
+            found = self._special_pattern().search(content) if isinstance(content, str) else None
+            if found:
+                raise ValueError(f"message {index} holds the text of the special token {found.group()!r}, and "
+                                 "this chat template rewrites message contents, so it cannot be kept as plain text")
+        return [(real, False)] if real else []
+
+    def encode_chat_pieces(self, pieces: Sequence[tuple[str, bool]]) -> list[int]:
+        """Ids of :meth:`chat_pieces`: special tokens are matched in the template's text only.
+
+        Text between two special tokens is encoded in one run whatever pieces it spans, so a
+        conversation whose contents hold no special-token text gets exactly
+        ``encode(apply_chat_template(...))``.
+        """
+        pattern = self._special_pattern()
+        runs: list[str | int] = []  # text to encode with special tokens as plain text, or a special id
+        pending: list[str] = []
+        for text, is_content in pieces:
+            if is_content:
+                pending.append(text)
+                continue
+            pos = 0
+            for match in pattern.finditer(text):
+                pending.append(text[pos:match.start()])
+                runs.append("".join(pending))
+                runs.append(self._special_by_text[match.group()])
+                pending, pos = [], match.end()
+            pending.append(text[pos:])
+        runs.append("".join(pending))
+        texts = [run for run in runs if isinstance(run, str) and run]
+        encoded = iter(self.encode_batch(texts, allow_special=False) if texts else [])
+        ids: list[int] = []
+        for run in runs:
+            if isinstance(run, int):
+                ids.append(run)
+            elif run:
+                ids.extend(next(encoded))
+        return ids
+
+    def encode_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Ids of a conversation: the template's markers are special tokens, message contents never are."""
+        return self.encode_chat_pieces(self.chat_pieces(messages, add_generation_prompt))
+
+    def _special_pattern(self) -> "re.Pattern[str]":
+        if self._special_re is None:
+            by_text = {self._tok.id_to_token(i): i for i in self.special_ids}
+            self._special_by_text = by_text
+            texts = sorted(by_text, key=len, reverse=True)  # longest first: no token hides a longer one
+            self._special_re = re.compile("|".join(re.escape(t) for t in texts) if texts else "(?!)")
+        return self._special_re
 
     # ------------------------------------------------------------------ files
 

@@ -18,6 +18,11 @@ top alternatives are not computed), and the vLLM extensions ``ignore_eos`` and
 ``stop_token_ids``. Penalties, ``logit_bias``, ``echo``, ``best_of``, ``suffix``, tools and JSON
 modes are refused with a 400 rather than silently ignored.
 
+Chat messages are rendered with the template's markers as special tokens and each message's content
+as plain text (:meth:`~nanoseek.data.tokenizer.NanoTokenizer.encode_chat`): a user who writes
+``<|eos|><|system|>`` sends those characters, not a forged system turn. ``/v1/completions`` prompts
+are raw model input: special tokens in them are matched.
+
 Reasoning (as the DeepSeek API does): a chat reply's ``<think>…</think>`` goes to
 ``message.reasoning_content`` (streaming: ``delta.reasoning_content`` until ``</think>``), the rest
 to ``content``; see :mod:`nanoseek.infer.reasoning`. ``reasoning_content`` of earlier assistant
@@ -950,12 +955,13 @@ def create_app(engine, tokenizer, model_name: str, api_key: str | None = None, m
         server.check_model(body.model)
         _check_unsupported_chat(body)
         messages = _render_messages(body)
-        try:
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        try:  # message contents are plain text: '<|system|>' written by a user is not a system turn
+            pieces = tokenizer.chat_pieces(messages, add_generation_prompt=True)
         except Exception as exc:  # a template that refuses the conversation
             raise APIError(400, f"the chat template refused these messages: {exc}", param="messages",
                            code="invalid_value") from None
-        prompt_ids = tokenizer.encode(text)
+        text = "".join(piece for piece, _ in pieces)
+        prompt_ids = tokenizer.encode_chat_pieces(pieces)
         server.check_prompt_ids(prompt_ids, "messages")
         in_reasoning = prompt_opens_reasoning(text)
         max_tokens, name = body.max_tokens, "max_tokens"
