@@ -75,6 +75,7 @@ log = logging.getLogger("nanoseek.server")
 Number = Annotated[float, Field(strict=True)]  # a JSON number (int or float), never a string
 MAX_N = 16  # choices per request
 MAX_STOP = 16  # stop strings per request
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed takes
 
 
 # ============================================================================ errors
@@ -570,6 +571,10 @@ class _Server:
         n = 1 if body.n is None else body.n
         if not 1 <= n <= MAX_N:
             raise APIError(400, f"n must be between 1 and {MAX_N}, got {n}", param="n", code="invalid_value")
+        if body.seed is not None and not SEED_MIN <= body.seed <= SEED_MAX - (n - 1):
+            choices = f" (the {n} choices use seeds seed to seed+{n - 1})" if n > 1 else ""
+            raise APIError(400, f"seed must be an integer from {SEED_MIN} to {SEED_MAX - (n - 1)}{choices}, got "
+                                f"{body.seed}", param="seed", code="invalid_value")
         for name in ("frequency_penalty", "presence_penalty"):
             value = getattr(body, name)
             if value not in (None, 0, 0.0):
