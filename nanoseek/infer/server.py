@@ -32,7 +32,8 @@ Errors have OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 
 wrong types (FastAPI's 422 is mapped to 400), bad values and prompts that do not fit the context
 (the message names the numbers); 401 for a missing or wrong ``Authorization: Bearer KEY`` when a key
 is set (``/v1/*`` only: the page, ``/health`` and ``/metrics`` stay open); 404 for an unknown model
-or path; 429 when ``max_slots + max_queue`` requests are already in flight; 500 when generation
+or path; 429 when ``max_slots + max_queue`` requests are already in flight (a request that alone asks
+for more generations, ``n`` × prompts, than that gets a 400: it could never fit); 500 when generation
 fails (the engine loop carries on with the next requests).
 
 Concurrency: one background thread owns the engine. Handlers never touch it: they post "add" and
@@ -643,6 +644,13 @@ class _Server:
     # ---------------------------------------------------------------- running
     def start(self, prompts: list[list[int]], params: list[list[Any]]) -> _Handle:
         jobs = [_Job(p, sp, 0) for p, row in zip(prompts, params) for sp in row]
+        if len(jobs) > self.capacity:  # even an idle server cannot take it: retrying would never help
+            n = len(params[0]) if params else 1
+            asked = f"n={n} choices × {len(prompts)} prompts" if len(prompts) > 1 else f"n={n} choices"
+            raise APIError(400, f"this request asks for {len(jobs)} generations ({asked}) but this server holds at "
+                                f"most {self.capacity} at once ({self.max_slots} slots + max_queue {self.max_queue}); "
+                                f"lower n or send fewer prompts per request",
+                           param="n" if n > 1 else "prompt", code="invalid_value")
         if self.in_flight + len(jobs) > self.capacity:
             raise APIError(429, f"the server is busy: {self.in_flight} requests in flight and the queue holds "
                                 f"{self.capacity} ({self.max_slots} slots + max_queue {self.max_queue}); "
