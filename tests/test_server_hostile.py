@@ -156,6 +156,14 @@ def _poll_health(url: str, done: threading.Event, latencies: list[float]) -> Non
 
 
 # ------------------------------------------------------------------------------- parameters
+def test_long_stop_strings_are_refused(srv):
+    with http(srv) as c:
+        r = c.post("/v1/chat/completions", json=chat(stop=["x" * 50_000] * 16, max_tokens=2))
+        assert_error(r, 400, "stop", ("128", "50000"))
+        assert_error(c.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "stop": "y" * 129}),
+                     400, "stop", ("128", "129"))
+        ok = c.post("/v1/chat/completions", json=chat(stop=["z" * 128] * 16, max_tokens=2))
+        assert ok.status_code == 200, ok.text
 
 
 @pytest.mark.parametrize("seed, n", [(2**70, 1), (-(2**70), 1), (2**64 - 1, 2)])

@@ -12,7 +12,8 @@ Both generation endpoints stream (``"stream": true``: server-sent events ``data:
 ending with ``data: [DONE]\\n\\n``; ``stream_options.include_usage`` adds a last chunk with
 ``usage`` and no choices) or answer in one JSON body. Parameters: ``max_tokens`` (chat also
 ``max_completion_tokens``; default: the rest of the context), ``temperature`` (default 1), ``top_p``,
-``top_k`` (extension; -1 or 0 = off), ``stop`` (string or list), ``seed``, ``n``, ``logprobs``
+``top_k`` (extension; -1 or 0 = off), ``stop`` (a string or a list of at most 16, each at most 128
+characters), ``seed``, ``n``, ``logprobs``
 (chat: ``true`` with ``top_logprobs`` 0; completions: ``0``: the sampled token's log-probability;
 top alternatives are not computed), and the vLLM extensions ``ignore_eos`` and
 ``stop_token_ids``. Penalties, ``logit_bias``, ``echo``, ``best_of``, ``suffix``, tools and JSON
@@ -76,6 +77,7 @@ log = logging.getLogger("nanoseek.server")
 Number = Annotated[float, Field(strict=True)]  # a JSON number (int or float), never a string
 MAX_N = 16  # choices per request
 MAX_STOP = 16  # stop strings per request
+MAX_STOP_CHARS = 128  # characters per stop string: the engine checks every stop string at every token
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed takes
 
 
@@ -599,6 +601,11 @@ class _Server:
         if len(stop) > MAX_STOP or not all(stop):
             raise APIError(400, f"stop must be at most {MAX_STOP} non-empty strings", param="stop",
                            code="invalid_value")
+        longest = max(range(len(stop)), key=lambda i: len(stop[i]), default=None)
+        if longest is not None and len(stop[longest]) > MAX_STOP_CHARS:
+            where = "stop" if isinstance(body.stop, str) else f"stop[{longest}]"
+            raise APIError(400, f"stop strings must be at most {MAX_STOP_CHARS} characters long; {where} has "
+                                f"{len(stop[longest])}", param="stop", code="invalid_value")
         stop_ids = list(body.stop_token_ids or [])
         if any(not 0 <= t < self.vocab_size for t in stop_ids):
             raise APIError(400, f"stop_token_ids must lie in [0, {self.vocab_size})", param="stop_token_ids",
