@@ -268,6 +268,20 @@ class Float8BlockLinear(nn.Linear):
             y = y + self.bias.to(y.dtype)
         return y
 
+    def computed_weight(self) -> torch.Tensor:
+        """``deq(Q_128x128(W))`` in the weight's dtype: the weight the forward multiplies by (MLA's
+        absorbed decode folds it into the query and output, :func:`nanoseek.model.layers.computed_weight`)."""
+        block = (self.block, self.block)
+        with _no_autocast(self.weight.device.type):
+            wq, ws = quantize_weight_blockwise(self.weight, block, ue8m0=self.ue8m0)
+            return dequantize_weight_blockwise(wq, ws, block).to(self.weight.dtype)
+
+    def computed_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``deq(Q_1x128(x))`` in ``x``'s dtype: the input the forward multiplies."""
+        with _no_autocast(x.device.type):
+            rows = fake_quantize_rows(x.reshape(-1, self.in_features), self.block, self.ue8m0)
+        return rows.reshape(x.shape).to(x.dtype)
+
     @torch.no_grad()
     def quantized_operands(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The forward's FP8 operands for ``x``: (x_fp8, x_scales [.., ceil(in/128)], w_fp8, w_scales)."""

@@ -30,7 +30,7 @@ from nanoseek.fp8_training import (
     quantize_weight_stack,
     resolve_backend,
 )
-from nanoseek.model import DeepSeekV3, Router
+from nanoseek.model import DeepSeekV3, Router, SlotLatentCache
 from nanoseek.model.layers import RMSNorm
 from nanoseek.model.moe import RoutedExperts
 
@@ -279,3 +279,24 @@ def test_pretrain_fp8_flag_trains_and_writes_plain_checkpoints(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     model = nanoseek.load(tmp_path / "run" / "final")
     assert type(model.model.layers[0].self_attn.o_proj) is torch.nn.Linear  # a plain model again on load
+
+
+@pytest.mark.parametrize("ue8m0", [False, True])
+def test_cached_decode_computes_what_the_uncached_forward_computes(ue8m0):
+    """MLA's absorbed decode uses kv_b_proj's FP8 weight and input, as its expanded forward does."""
+    torch.manual_seed(9)
+    cfg = get_preset("tiny")
+    model = convert_to_fp8(DeepSeekV3(cfg), ue8m0=ue8m0).eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 8))
+    cache = SlotLatentCache(cfg, n_slots=2, max_len=8, device="cpu", dtype=torch.float32)
+    rows = [cache.allocate(), cache.allocate()]
+    with torch.no_grad():
+        full = model(ids).logits
+        steps = [model(ids[:, :3], cache=cache.view(rows)).logits]
+        steps += [model(ids[:, i:i + 1], cache=cache.view(rows)).logits for i in range(3, 8)]
+        plain = DeepSeekV3(cfg)
+        plain.load_state_dict(model.state_dict())
+        fp8_effect = (plain.eval()(ids).logits - full).abs().max()
+    # the paths agree to float32 reassociation, far inside what FP8 quantisation changes
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-5)
+    assert fp8_effect > 100 * 1e-5, fp8_effect.item()

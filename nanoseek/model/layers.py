@@ -1,4 +1,4 @@
-"""Small building blocks: RMSNorm and the SwiGLU feed-forward network."""
+"""Small building blocks: RMSNorm, the SwiGLU feed-forward network, what a linear layer computes with."""
 
 from __future__ import annotations
 
@@ -32,3 +32,21 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def computed_weight(linear: nn.Linear) -> torch.Tensor:
+    """The weight ``linear`` actually multiplies by.
+
+    A plain ``nn.Linear`` uses its ``weight``; a subclass that transforms it on the fly (the block-wise
+    FP8 linear of :mod:`nanoseek.fp8_training`) exposes ``computed_weight()``. Code that uses a
+    layer's weight directly instead of calling the layer (MLA's absorbed decode) asks here, so that it
+    computes what the layer computes.
+    """
+    fn = getattr(linear, "computed_weight", None)
+    return fn() if fn is not None else linear.weight
+
+
+def computed_input(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``x`` as ``linear`` sees it (FP8 layers quantise their input in 1x128 tiles), in ``x``'s dtype."""
+    fn = getattr(linear, "computed_input", None)
+    return fn(x) if fn is not None else x

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .cache import LatentCacheLayer
-from .layers import RMSNorm
+from .layers import RMSNorm, computed_input, computed_weight
 from .rope import apply_rope, softmax_scale
 
 
@@ -69,7 +69,8 @@ class MultiHeadLatentAttention(nn.Module):
         if cache is None:
             out = self._attend_expanded(q_nope, q_pe, c_kv, k_pe)
         else:
-            c_all, k_pe_all, mask = cache.update(self.layer_idx, c_kv, k_pe)
+            # the cache holds c_kv as kv_b_proj consumes it, so both paths compute the same thing
+            c_all, k_pe_all, mask = cache.update(self.layer_idx, computed_input(self.kv_b_proj, c_kv), k_pe)
             out = self.attend_absorbed(q_nope, q_pe, c_all, k_pe_all, mask)
         return self.o_proj(out.reshape(b, t, self.n_heads * self.v_dim))
 
@@ -84,8 +85,9 @@ class MultiHeadLatentAttention(nn.Module):
         return out.transpose(1, 2)  # [B, T, heads, v]
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Split ``kv_b_proj`` into W_uk [heads, qk_nope, r] and W_uv [heads, v, r]."""
-        w = self.kv_b_proj.weight.view(self.n_heads, self.qk_nope + self.v_dim, self.kv_lora_rank)
+        """Split ``kv_b_proj``'s computed weight (FP8-quantised after ``convert_to_fp8``) into
+        W_uk [heads, qk_nope, r] and W_uv [heads, v, r]."""
+        w = computed_weight(self.kv_b_proj).view(self.n_heads, self.qk_nope + self.v_dim, self.kv_lora_rank)
         return w[:, : self.qk_nope], w[:, self.qk_nope:]
 
     def attend_absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor,
