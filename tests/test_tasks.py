@@ -486,3 +486,29 @@ def test_chat_messages_share_one_instruction_and_carry_the_ideal_completion():
     assert msgs[0]["content"] == SYSTEM_PROMPT and msgs[1]["content"] == problem.prompt
     assert msgs[2]["content"] == format_completion(problem)
     assert get_task("linear").grade(msgs[2]["content"], problem.fields).value == "correct"
+
+
+# ---------------------------------------------------------------- issue 13, item 9
+
+
+def test_a_flat_long_sum_parses_and_deep_nesting_is_refused_for_its_depth():
+    # A flat sum of more than MAX_DEPTH (40) terms was refused as "nests deeper than 40": ast.parse
+    # makes it a left-leaning tree as deep as it is long.
+    for n in (41, 50, 64):
+        assert safe_eval("+".join(["1"] * n)) == n
+    assert safe_eval("-".join(["2"] * 60)) == 2 - 2 * 59
+    assert safe_eval("+".join(["2*3"] * 30)) == 180  # sums of products: depth 2 however long
+    assert check_countdown("1+" * 44 + "6", [1] * 44 + [6], 50) is Verdict.CORRECT
+    # length is its own limit, with its own message
+    with pytest.raises(MathParseError, match="more than 128 nodes"):
+        safe_eval("+".join(["1"] * 65))
+    with pytest.raises(MathParseError, match="longer than 200 characters"):
+        safe_eval("+".join(["1"] * 101))
+    # nesting is still bounded, with the depth message
+    for deep in ("1+(" * 40 + "1" + ")" * 40, "2*(" * 40 + "1" + ")" * 40, "-" * 41 + "1", "- (" * 40 + "1" + ")" * 40):
+        with pytest.raises(MathParseError, match="nests deeper than 40"):
+            safe_eval(deep)
+    assert safe_eval("1+(" * 38 + "1" + ")" * 38) == 39  # within the depth limit
+    # with the length limits raised, a long chain evaluates in a loop (no recursion, no depth error)
+    long_sum = "+".join(["1"] * 900)  # (ast.parse itself recurses past a few thousand terms)
+    assert timed(safe_eval, long_sum, max_chars=10**6, max_nodes=10**6) == 900

@@ -17,6 +17,14 @@ module therefore never hands the text to Python's evaluator. It:
    every intermediate value (numerator and denominator), so the exact
    :class:`fractions.Fraction` arithmetic stays small.
 
+Length and depth are separate limits. ``max_chars`` and ``max_nodes`` bound how long an
+expression is (a flat sum of up to 64 terms fits the default 128 nodes); ``max_depth`` bounds
+how deeply it nests: a parenthesised right operand or a sign opens a level, a chain of
+operators evaluated left to right does not. ``ast.parse`` turns the flat sum ``1 + 2 + ... +
+60`` into a tree 60 levels deep along its left operands; the walker folds such a chain in a
+loop, so the sum is one level deep and evaluates without recursion, while ``1 + (2 + (3 +
+...))`` or ``- - - 1`` nest one level per operator and are refused past ``max_depth``.
+
 Every failure raises :class:`MathParseError`; nothing else escapes for string input.
 """
 
@@ -81,13 +89,30 @@ class _Walker:
             raise MathParseError("intermediate fraction has too large a denominator")
         return value
 
-    def walk(self, node: ast.AST, depth: int) -> Fraction:
+    def _count(self, depth: int) -> None:
         self.nodes += 1
         if self.nodes > self.max_nodes:
             raise MathParseError(f"expression has more than {self.max_nodes} nodes")
         if depth > self.max_depth:
             raise MathParseError(f"expression nests deeper than {self.max_depth}")
 
+    def walk(self, node: ast.AST, depth: int) -> Fraction:
+        self._count(depth)
+        if isinstance(node, ast.BinOp):
+            # A left-to-right chain (a + b - c * d ...) is a left-leaning tree as deep as it is
+            # long: walk down its left operands in a loop, all at this depth, then fold upwards.
+            chain = [node]
+            while True:
+                if not isinstance(chain[-1].op, (ast.Add, ast.Sub, ast.Mult, ast.Div)):
+                    raise MathParseError(f"operator {type(chain[-1].op).__name__} is not allowed")
+                if not isinstance(chain[-1].left, ast.BinOp):
+                    break
+                chain.append(chain[-1].left)
+                self._count(depth)
+            value = self.walk(chain[-1].left, depth + 1)
+            for link in reversed(chain):
+                value = self._binop(link.op, value, self.walk(link.right, depth + 1))
+            return value
         if isinstance(node, ast.Constant):
             return self._constant(node.value)
         if isinstance(node, ast.UnaryOp):
@@ -97,24 +122,22 @@ class _Walker:
             if isinstance(node.op, ast.UAdd):
                 return operand
             raise MathParseError(f"unary operator {type(node.op).__name__} is not allowed")
-        if isinstance(node, ast.BinOp):
-            op = node.op
-            if not isinstance(op, (ast.Add, ast.Sub, ast.Mult, ast.Div)):
-                raise MathParseError(f"operator {type(op).__name__} is not allowed")
-            left = self.walk(node.left, depth + 1)
-            right = self.walk(node.right, depth + 1)
-            if isinstance(op, ast.Add):
-                result = left + right
-            elif isinstance(op, ast.Sub):
-                result = left - right
-            elif isinstance(op, ast.Mult):
-                result = left * right
-            else:
-                if right == 0:
-                    raise MathParseError("division by zero")
-                result = left / right
-            return self._bounded(result)
         raise MathParseError(f"{type(node).__name__} is not allowed in an arithmetic expression")
+
+    def _binop(self, op: ast.operator, left: Fraction, right: Fraction) -> Fraction:
+        if isinstance(op, ast.Add):
+            result = left + right
+        elif isinstance(op, ast.Sub):
+            result = left - right
+        elif isinstance(op, ast.Mult):
+            result = left * right
+        elif isinstance(op, ast.Div):
+            if right == 0:
+                raise MathParseError("division by zero")
+            result = left / right
+        else:
+            raise MathParseError(f"operator {type(op).__name__} is not allowed")
+        return self._bounded(result)
 
     def _constant(self, value: object) -> Fraction:
         # bool is a subclass of int: reject it explicitly (it cannot pass the character
