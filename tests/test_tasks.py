@@ -491,6 +491,20 @@ def test_chat_messages_share_one_instruction_and_carry_the_ideal_completion():
 # ---------------------------------------------------------------- issue 13, item 9
 
 
+def test_arithmetic_check_returns_a_verdict_for_integers_past_the_int_digit_limit():
+    # int() refuses strings of more than 4300 digits (sys.get_int_max_str_digits): the verifier
+    # raised ValueError here, although Task.check must never raise on bad text.
+    task = get_task("arithmetic")
+    fields = {"task": "arithmetic", "answer": 42}
+    assert task.check("9" * 5000, fields) is Verdict.WRONG
+    assert task.check("-" + "9" * 5000, fields) is Verdict.WRONG
+    assert task.check("0" * 5000 + "42", fields) is Verdict.CORRECT  # leading zeros, as int() read them
+    assert task.check("-0", {"task": "arithmetic", "answer": 0}) is Verdict.CORRECT
+    assert task.check("-42", fields) is Verdict.WRONG
+    for name in BUILTIN_TASKS:  # no verifier raises on a huge number
+        assert isinstance(get_task(name).check("9" * 5000, VALID[name][0]), Verdict)
+
+
 def test_a_flat_long_sum_parses_and_deep_nesting_is_refused_for_its_depth():
     # A flat sum of more than MAX_DEPTH (40) terms was refused as "nests deeper than 40": ast.parse
     # makes it a left-leaning tree as deep as it is long.
@@ -512,3 +526,56 @@ def test_a_flat_long_sum_parses_and_deep_nesting_is_refused_for_its_depth():
     # with the length limits raised, a long chain evaluates in a loop (no recursion, no depth error)
     long_sum = "+".join(["1"] * 900)  # (ast.parse itself recurses past a few thousand terms)
     assert timed(safe_eval, long_sum, max_chars=10**6, max_nodes=10**6) == 900
+
+
+BUILTIN_TASKS = ("arithmetic", "countdown", "linear", "gsm8k")
+#: per built-in task: (fields of a problem, a correct answer written with ASCII digits)
+VALID = {"arithmetic": ({"task": "arithmetic", "answer": 1209}, "1209"),
+         "countdown": ({"task": "countdown", "numbers": [25, 3, 7, 50], "target": 82}, "(50 - 25) * 3 + 7"),
+         "linear": ({"task": "linear", "x": -37}, "x = -37"),
+         "gsm8k": ({"task": "gsm8k", "answer": "1209"}, "1,209")}
+#: zero of each digit set Python's \d / int() / Fraction() accept besides ASCII
+UNICODE_ZEROS = {"arabic-indic": 0x0660, "extended arabic-indic": 0x06F0, "devanagari": 0x0966,
+                 "full-width": 0xFF10, "mathematical bold": 0x1D7CE}
+
+
+def _in_script(text, zero, only_first=False):
+    out, done = [], False
+    for c in text:
+        if c in "0123456789" and not (only_first and done):
+            c, done = chr(zero + int(c)), True
+        out.append(c)
+    return "".join(out)
+
+
+def test_every_task_reads_only_ascii_digits():
+    # One rule for every task (nanoseek.tasks.base, "Digits"): arithmetic, linear and gsm8k accepted
+    # Arabic-Indic or full-width digits (\d, int() and Fraction() take them) while countdown refused them.
+    unknown = {n for n in TASKS if n not in BUILTIN_TASKS and not n.startswith("test")}
+    assert not unknown, f"new registered task(s) {unknown}: add them to VALID"
+    for name in BUILTIN_TASKS:
+        task = get_task(name)
+        fields, answer = VALID[name]
+        assert task.check(answer, fields) is Verdict.CORRECT, name
+        assert accuracy_reward("", wrap(answer), fields) == 1.0
+        for script, zero in UNICODE_ZEROS.items():
+            for only_first in (False, True):
+                other = _in_script(answer, zero, only_first)
+                assert other != answer
+                assert task.check(other, fields) is Verdict.MALFORMED, (name, script, other)
+                assert accuracy_reward("", wrap(other), fields) == 0.0
+        for sup in ("\u00b2", "\u2082"):  # superscript / subscript two: isdigit() but not int()
+            assert task.check(answer + sup, fields) is Verdict.MALFORMED, (name, sup)
+
+
+def test_task_specs_take_ascii_difficulties_only():
+    from nanoseek.errors import ConfigError
+    from nanoseek.tasks import ASCII_DIGITS, is_ascii_digits
+    from nanoseek.tasks.coldstart import parse_task_spec
+
+    assert ASCII_DIGITS == "0123456789" and is_ascii_digits("042") and not is_ascii_digits("")
+    assert not any(is_ascii_digits(x) for x in ("\u0663", "\uff13", "\u00b3", "3 ", "-3", None))
+    assert parse_task_spec("countdown:3") == ("countdown", 3)
+    for bad in ("countdown:\u00b3", "countdown:\u0663", "countdown:0", "countdown:x"):
+        with pytest.raises(ConfigError, match="positive integer"):  # "³" raised ValueError from int()
+            parse_task_spec(bad)

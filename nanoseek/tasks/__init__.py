@@ -13,6 +13,8 @@ from .base import (
     ANSWER_CLOSE,
     ANSWER_OPEN,
     MAX_ANSWER_CHARS,
+    ASCII_DIGITS,
+    is_ascii_digits,
     SYSTEM_PROMPT,
     THINK_CLOSE,
     THINK_OPEN,
@@ -48,7 +50,7 @@ from .rewards import (
 from .safe_math import MathParseError, ParsedExpression, parse_expression, safe_eval, try_eval
 
 __all__ = [
-    "ANSWER_CLOSE", "ANSWER_OPEN", "MAX_ANSWER_CHARS", "THINK_CLOSE", "THINK_OPEN",
+    "ANSWER_CLOSE", "ANSWER_OPEN", "ASCII_DIGITS", "MAX_ANSWER_CHARS", "THINK_CLOSE", "THINK_OPEN", "is_ascii_digits",
     "Problem", "RegistryError", "Task", "TaskDataError", "Verdict",
     "SYSTEM_PROMPT", "answer_only", "answer_only_mix", "chat_messages", "format_completion", "format_ok",
     "format_prompt", "parse_answer",

@@ -17,7 +17,7 @@ from .base import Problem, Task, Verdict
 
 __all__ = ["ArithmeticTask", "column_add", "column_sub", "column_mul"]
 
-_INT_RE = re.compile(r"-?\d+")
+_INT_RE = re.compile(r"(-?)([0-9]+)")  # ASCII digits only (see nanoseek.tasks.base)
 _PLACES = ("ones", "tens", "hundreds", "thousands")
 
 
@@ -190,6 +190,12 @@ class ArithmeticTask(Task):
 
     def check(self, answer: str, fields: Mapping[str, Any]) -> Verdict:
         text = answer.strip() if isinstance(answer, str) else ""
-        if not _INT_RE.fullmatch(text):
+        match = _INT_RE.fullmatch(text)
+        if not match:
             return Verdict.MALFORMED
-        return Verdict.CORRECT if int(text) == int(fields["answer"]) else Verdict.WRONG
+        # Compare canonical decimal strings instead of calling int() on the answer: int() refuses
+        # strings of more than sys.get_int_max_str_digits() digits (4300 by default) with a ValueError.
+        sign, digits = match.groups()
+        digits = digits.lstrip("0") or "0"
+        canonical = sign + digits if digits != "0" else "0"
+        return Verdict.CORRECT if canonical == str(int(fields["answer"])) else Verdict.WRONG

@@ -9,6 +9,18 @@ the model to reason first and then answer, with the reasoning and the answer enc
 answer extraction and the format check; each task family supplies problems and a
 verifier. The worked ``solution`` of a problem serves as cold-start SFT data, the small
 set of long chain-of-thought examples R1 (section 2.3.1) uses before RL.
+
+Digits: every verifier reads numbers written with the ASCII digits ``0``-``9`` only, and
+judges an answer with any other digit (Arabic-Indic ``٣``, full-width ``３``, Devanagari
+``३``, superscript ``³``, ...) ``MALFORMED``. Python accepts those silently in ``\d``,
+``str.isdigit``, ``int()``, ``float()`` and ``Fraction()``, so each verifier matches
+``[0-9]`` explicitly (:func:`is_ascii_digits`) rather than relying on them. One rule for
+every task, and this one rather than normalising: the problems, their answers and the
+cold-start data are ASCII, so a policy that answers in another script has drifted from
+what it was taught, not found another spelling of the answer; a rule-based reward should
+pay for the one form it asks for (R1's rewards check a fixed format), and a mapping table
+is one more thing a policy under RL could probe. Countdown's expression parser
+(:mod:`nanoseek.tasks.safe_math`) already whitelists ASCII characters.
 """
 
 from __future__ import annotations
@@ -36,6 +48,8 @@ __all__ = [
     "parse_answer",
     "format_ok",
     "MAX_ANSWER_CHARS",
+    "ASCII_DIGITS",
+    "is_ascii_digits",
     "THINK_OPEN",
     "THINK_CLOSE",
     "ANSWER_OPEN",
@@ -48,6 +62,16 @@ _TAGS = (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)
 
 #: Longest answer (between the tags) that :func:`parse_answer` will return.
 MAX_ANSWER_CHARS = 1000
+
+#: The only digits a verifier reads (see "Digits" in the module docstring).
+ASCII_DIGITS = "0123456789"
+
+
+def is_ascii_digits(text: str) -> bool:
+    """True when ``text`` is one or more ASCII digits ``0``-``9`` and nothing else. Unlike
+    ``str.isdigit`` it refuses other scripts' digits and superscripts (``"³".isdigit()`` is True
+    and ``int("³")`` raises)."""
+    return isinstance(text, str) and bool(text) and all(c in ASCII_DIGITS for c in text)
 
 
 class TaskDataError(NanoseekError, ValueError):

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import ConfigError, NanoseekError
-from .base import answer_only_mix, chat_messages
+from .base import answer_only_mix, chat_messages, is_ascii_digits
 from .evaluate import EVAL_SEED_BASE
 from .registry import get_task
 
@@ -31,7 +31,7 @@ def parse_task_spec(spec: str, flag: str = "--cold-start") -> tuple[str, int | N
         raise ConfigError(f"{flag} {spec!r}: expected TASK or TASK:DIFFICULTY")
     if not sep:
         return name, None
-    if not diff.strip().isdigit() or int(diff) < 1:
+    if not is_ascii_digits(diff.strip()) or int(diff) < 1:
         raise ConfigError(f"{flag} {spec!r}: the difficulty after ':' must be a positive integer")
     return name, int(diff)
 

@@ -24,7 +24,7 @@ from .base import Problem, Task, TaskDataError, Verdict, _check_generate_args
 
 __all__ = ["GSM8KTask", "load_gsm8k", "parse_number", "MAX_LINE_BYTES"]
 
-_NUMBER_RE = re.compile(r"[+-]?\d{1,40}(?:\.\d{1,20})?")
+_NUMBER_RE = re.compile(r"[+-]?[0-9]{1,40}(?:\.[0-9]{1,20})?")  # ASCII digits only (see nanoseek.tasks.base)
 _FINAL_RE = re.compile(r"####\s*(.*)")
 _CALC_RE = re.compile(r"<<[^<>]{0,500}>>")
 

@@ -17,7 +17,7 @@ from .base import Problem, Task, Verdict
 
 __all__ = ["LinearTask", "parse_linear_answer"]
 
-_ANSWER_RE = re.compile(r"(?:[xX]\s*=\s*)?([+-]?\d{1,30})")
+_ANSWER_RE = re.compile(r"(?:[xX]\s*=\s*)?([+-]?[0-9]{1,30})")  # ASCII digits only (see nanoseek.tasks.base)
 
 
 def parse_linear_answer(answer: str) -> int | None:
