@@ -12,7 +12,7 @@ set of long chain-of-thought examples R1 (section 2.3.1) uses before RL.
 
 Digits: every verifier reads numbers written with the ASCII digits ``0``-``9`` only, and
 judges an answer with any other digit (Arabic-Indic ``٣``, full-width ``３``, Devanagari
-``३``, superscript ``³``, ...) ``MALFORMED``. Python accepts those silently in ``\d``,
+``३``, superscript ``³``, ...) ``MALFORMED``. Python accepts those silently in ``\\d``,
 ``str.isdigit``, ``int()``, ``float()`` and ``Fraction()``, so each verifier matches
 ``[0-9]`` explicitly (:func:`is_ascii_digits`) rather than relying on them. One rule for
 every task, and this one rather than normalising: the problems, their answers and the
