@@ -22,7 +22,7 @@ import nanoseek
 from nanoseek.data.tokenizer import CHAT_TEMPLATE, NanoTokenizer, load_tokenizer
 from nanoseek.infer import Engine
 from nanoseek.infer.server import create_app
-from serve_helpers import QUESTION, live_server, tiny_checkpoint
+from serve_helpers import QUESTION, live_server, tiny_checkpoint, wait_until
 
 MODEL = "tiny-chat"
 TIMEOUT = httpx.Timeout(60.0, connect=10.0)
@@ -139,13 +139,15 @@ def _read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
     return status, headers, body
 
 
-def _poll_health(url: str, done: threading.Event, latencies: list[float]) -> None:
-    """GET /health every 20 ms until ``done``, recording each answer's latency."""
+def _poll_health(url: str, done: threading.Event, latencies: list[float], starts: list[float] | None = None) -> None:
+    """GET /health every 20 ms until ``done``, recording each answer's latency (and start time)."""
     with httpx.Client(base_url=url, timeout=TIMEOUT) as c:
         while True:
             start = time.perf_counter()
             r = c.get("/health")
             latencies.append(time.perf_counter() - start)
+            if starts is not None:
+                starts.append(start)
             assert r.status_code == 200
             if done.is_set():
                 return
@@ -153,6 +155,110 @@ def _poll_health(url: str, done: threading.Event, latencies: list[float]) -> Non
 
 
 # ------------------------------------------------------------------------------- request bodies
+def test_declared_10mb_body_is_refused_before_it_is_sent(srv):
+    """Content-Length over the limit: a 413 at once, without waiting for (or reading) the body."""
+    size = 10 * MIB
+    with _connect(srv.url, timeout=5) as sock:
+        sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {size}\r\n\r\n".encode())
+        status, headers, body = _read_response(sock)  # nothing of the body was sent: a 413 or a timeout
+    assert status == 413, body
+    err = json.loads(body)["error"]
+    assert err["code"] == "request_too_large"
+    assert str(size) in err["message"] and str(4 * MIB) in err["message"], err
+    still_serving(srv)
+
+
+def test_streamed_10mb_body_is_cut_off_and_health_answers_meanwhile(srv):
+    """A chunked 10 MB body (no Content-Length): cut at the limit with a 413; /health answers in < 1 s."""
+    chunk = b"a" * 65536
+    result: dict = {}
+
+    def upload() -> None:
+        try:
+            with _connect(srv.url, timeout=60) as sock:
+                sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                             b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+                head = json.dumps(chat("")).encode()[:-4]  # ... "content": "  (the text follows in chunks)
+                parts = [head] + [chunk] * 160 + [b'"}]}']
+                for part in parts:
+                    if select.select([sock], [], [], 0)[0]:
+                        break  # the server answered already: stop sending
+                    try:
+                        sock.sendall(f"{len(part):x}\r\n".encode() + part + b"\r\n")
+                    except OSError:
+                        break  # the server closed the connection after its answer
+                    result["sent"] = result.get("sent", 0) + len(part)
+                    time.sleep(0.01)  # 0.6 s up to the limit: /health is asked meanwhile
+                else:
+                    sock.sendall(b"0\r\n\r\n")
+                result["response"] = _read_response(sock)
+                result["end"] = time.perf_counter()
+        except Exception as exc:  # reported by the main thread
+            result["error"] = exc
+
+    done, latencies, starts = threading.Event(), [], []
+    poller = threading.Thread(target=_poll_health, args=(srv.url, done, latencies, starts))
+    poller.start()
+    try:
+        assert wait_until(lambda: len(latencies) >= 2)
+        began = time.perf_counter()
+        uploader = threading.Thread(target=upload)
+        uploader.start()
+        uploader.join(120)
+        time.sleep(0.1)
+    finally:
+        done.set()
+        poller.join(120)
+    assert "error" not in result, result.get("error")
+    during = [lat for lat, start in zip(latencies, starts) if began <= start <= result["end"]]
+    assert len(during) >= 3, (during, result["end"] - began)  # /health was asked while the body came in
+    assert max(latencies) < 1.0, latencies
+    status, _, body = result["response"]
+    assert status == 413, body[:300]
+    assert json.loads(body)["error"]["code"] == "request_too_large"
+    assert result["sent"] < 6 * MIB, result["sent"]  # cut off near the 4 MiB limit, not read to the end
+    still_serving(srv)
+
+
+def test_10mb_body_from_an_ordinary_client_gets_the_413(srv):
+    with http(srv) as c:
+        r = c.post("/v1/chat/completions", content=json.dumps(chat("x" * (10 * MIB))).encode(),
+                   headers={"Content-Type": "application/json"})
+    err = assert_error(r, 413, contains=("4194304",))
+    assert err["code"] == "request_too_large"
+    still_serving(srv)
+
+
+def test_long_message_under_the_body_limit_is_refused_without_blocking(srv):
+    """2 MB of text fits the body limit but never the context: a 400, and the event loop stays free."""
+    srv.tok.calls.clear()
+    done, latencies = threading.Event(), []
+    poller = threading.Thread(target=_poll_health, args=(srv.url, done, latencies))
+    poller.start()
+    try:
+        time.sleep(0.1)
+        with http(srv) as c:
+            r = c.post("/v1/chat/completions", json=chat("hello " * 350_000))
+            r2 = c.post("/v1/completions", json={"model": MODEL, "prompt": ["hi", "hello " * 350_000]})
+        time.sleep(0.1)
+    finally:
+        done.set()
+        poller.join(120)
+    assert_error(r, 400, "messages", ("256",))
+    assert_error(r2, 400, "prompt", ("256",))
+    assert max(latencies) < 1.0, latencies
+    assert all(chars < 100_000 for chars, _ in srv.tok.calls), srv.tok.calls  # refused before encoding
+    still_serving(srv)
+
+
+def test_tokenising_runs_off_the_event_loop(srv):
+    srv.tok.calls.clear()
+    with http(srv) as c:
+        assert c.post("/v1/chat/completions", json=chat(max_tokens=2)).status_code == 200
+        r = c.post("/v1/completions", json={"model": MODEL, "prompt": ["hello", "the quick"], "max_tokens": 2})
+        assert r.status_code == 200, r.text
+    assert srv.tok.calls and all(thread != LOOP_THREAD for _, thread in srv.tok.calls), srv.tok.calls
 
 
 # ------------------------------------------------------------------------------- parameters

@@ -42,6 +42,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="requests that may wait for a slot; more get a 429 (default 64)")
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="context per request, prompt + completion (default: the model's, at most 8192)")
+    p.add_argument("--max-body-mb", type=float, default=4.0,
+                   help="largest request body accepted, in MiB; larger ones get a 413 (default 4)")
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding (needs MTP weights)")
     p.add_argument("--device", default="auto", help="auto, cuda, xpu, npu, mps or cpu (default auto)")
     p.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto",

@@ -29,6 +29,12 @@ Reasoning (as the DeepSeek API does): a chat reply's ``<think>…</think>`` goes
 to ``content``; see :mod:`nanoseek.infer.reasoning`. ``reasoning_content`` of earlier assistant
 turns sent back in ``messages`` is dropped, as the DeepSeek API asks clients not to send it.
 
+Request bodies are limited (``max_body_bytes``, ``nanoseek serve --max-body-mb``, default 4 MiB): a
+larger one gets a 413 (code ``request_too_large``), refused from its ``Content-Length`` before it is
+read, or, sent chunked, as soon as it passes the limit. Text is tokenised in a worker thread, never on
+the event loop, and with nanoseek's byte-level tokenizers a text too long for the context whatever its
+tokens is refused without being tokenised.
+
 Errors have OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 400 for bad JSON,
 wrong types (FastAPI's 422 is mapped to 400), bad values and prompts that do not fit the context
 (the message names the numbers); 401 for a missing or wrong ``Authorization: Bearer KEY`` when a key
@@ -79,6 +85,8 @@ MAX_N = 16  # choices per request
 MAX_STOP = 16  # stop strings per request
 MAX_STOP_CHARS = 128  # characters per stop string: the engine checks every stop string at every token
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed takes
+MIB = 1 << 20
+DEFAULT_MAX_BODY_BYTES = 4 * MIB
 
 
 # ============================================================================ errors
@@ -542,9 +550,14 @@ def _sse(obj: Any) -> str:
 
 # ============================================================================ the server state
 class _Server:
-    def __init__(self, engine, tokenizer, model_name: str, api_key: str | None, max_queue: int):
+    def __init__(self, engine, tokenizer, model_name: str, api_key: str | None, max_queue: int,
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
         if max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {max_queue}")
+        if max_body_bytes <= 0:
+            raise ValueError(f"max_body_bytes must be positive, got {max_body_bytes}")
+        self.max_body_bytes = int(max_body_bytes)
+        self.max_token_bytes = _max_token_bytes(tokenizer)
         self.engine = engine
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -640,6 +653,18 @@ class _Server:
             out.append(row)
         return out
 
+    def check_text_size(self, text: str, name: str) -> None:
+        """400 for a text that cannot fit the context whatever its tokens, told without tokenising it."""
+        if self.max_token_bytes is None:
+            return
+        size = len(text.encode("utf-8"))
+        least = -(-size // self.max_token_bytes)
+        if least >= self.max_seq_len:
+            raise APIError(400, f"This model's maximum context length is {self.max_seq_len} tokens, but the "
+                                f"{name} holds {size} bytes of text, at least {least} tokens (no token is longer "
+                                f"than {self.max_token_bytes} bytes). Please shorten the {name}.",
+                           param=name, code="context_length_exceeded")
+
     def check_prompt_ids(self, ids: list[int], name: str) -> None:
         if not ids:
             raise APIError(400, f"the {name} is empty: give at least one token", param=name, code="invalid_value")
@@ -702,6 +727,37 @@ class _Server:
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
 
+    @staticmethod
+    async def off_loop(fn, *args):
+        """``fn(*args)`` in a worker thread: tokenising a long text must not stall the event loop."""
+        return await anyio.to_thread.run_sync(fn, *args)
+
+
+def _max_token_bytes(tokenizer) -> int | None:
+    """The most bytes of text one token stands for, where that bounds the tokens of a text from below.
+
+    A byte-level BPE without a normalizer (nanoseek's tokenizers) maps every byte of the text to
+    exactly one token, so a text of ``B`` bytes has at least ``B / max_token_bytes`` tokens: an
+    over-long prompt is refused without being tokenised. None when the tokenizer could drop or
+    shrink text (a normalizer, a pre-tokenizer other than byte-level/digits/split).
+    """
+    backend = getattr(tokenizer, "backend", None)
+    try:
+        state = json.loads(backend.to_str())
+        vocab = backend.get_vocab(with_added_tokens=True)
+    except Exception:
+        return None
+    if state.get("normalizer") is not None:
+        return None
+    pre = state.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers") or [] if pre.get("type") == "Sequence" else [pre]
+    kinds = [step.get("type") if isinstance(step, dict) else None for step in steps]
+    if "ByteLevel" not in kinds or any(kind not in ("ByteLevel", "Digits", "Split") for kind in kinds):
+        return None
+    if any(isinstance(step, dict) and step.get("behavior") == "Removed" for step in steps):
+        return None
+    return max((len(token.encode("utf-8")) for token in vocab), default=0) or None
+
 
 # ============================================================================ the app
 _ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics", "/")
@@ -717,7 +773,13 @@ def _endpoint_label(path: str) -> str:
 
 
 class _Gate:
-    """Pure ASGI middleware: API-key check on ``/v1/*`` and request counting by endpoint/status."""
+    """Pure ASGI middleware: API-key check on ``/v1/*``, the request-body limit, and request counting
+    by endpoint/status.
+
+    The body is read here, at most ``max_body_bytes`` of it: a declared ``Content-Length`` over the
+    limit is refused before any of the body is read, a chunked body as soon as it passes the limit
+    (413, ``Connection: close``); the app then gets the body that was read in one message.
+    """
 
     def __init__(self, app, server: _Server):
         self.app = app
@@ -756,7 +818,47 @@ class _Gate:
                 response = error.response()
                 response.headers["WWW-Authenticate"] = "Bearer"
                 return await response(scope, receive, counting_send)
-        await self.app(scope, receive, counting_send)
+
+        limit = self.server.max_body_bytes
+        declared = _header(scope, b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await _too_large(f"the request body is {int(declared)} bytes", limit)(scope, receive, counting_send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away before its body was complete: nobody to answer
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                return await _too_large(f"the request body is more than {limit} bytes", limit)(
+                    scope, receive, counting_send)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = [b"".join(chunks)]
+        del chunks
+
+        async def replay():
+            if body:  # the whole body first, then the client's next messages (http.disconnect)
+                return {"type": "http.request", "body": body.pop(), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, counting_send)
+
+
+def _header(scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+def _too_large(what: str, limit: int) -> JSONResponse:
+    response = APIError(413, f"{what}; this server accepts at most {limit} bytes ({limit / MIB:g} MiB, "
+                             "nanoseek serve --max-body-mb)", code="request_too_large").response()
+    response.headers["Connection"] = "close"  # the rest of the body is not read: do not reuse the connection
+    return response
 
 
 def _message_text(message: ChatMessage, index: int) -> str:
@@ -800,15 +902,17 @@ def _check_unsupported_chat(body: ChatCompletionRequest) -> None:
                             "sampled tokens' log-probabilities", param="top_logprobs", code="unsupported_parameter")
 
 
-def create_app(engine, tokenizer, model_name: str, api_key: str | None = None, max_queue: int = 64) -> FastAPI:
+def create_app(engine, tokenizer, model_name: str, api_key: str | None = None, max_queue: int = 64,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     """The FastAPI app serving ``engine`` (which must not be stepped by anyone else while it runs).
 
     ``tokenizer`` is the checkpoint's :class:`~nanoseek.data.tokenizer.NanoTokenizer` (chat template,
     encode/decode); the engine should have it too (it decodes the text deltas). ``api_key`` protects
     ``/v1/*``. At most ``engine max_slots + max_queue`` generation requests are in flight; more get a 429.
+    Request bodies over ``max_body_bytes`` get a 413.
     The engine thread starts with the app (lifespan) or at the first request, and stops at shutdown.
     """
-    server = _Server(engine, tokenizer, model_name, api_key, max_queue)
+    server = _Server(engine, tokenizer, model_name, api_key, max_queue, max_body_bytes)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -898,12 +1002,17 @@ def create_app(engine, tokenizer, model_name: str, api_key: str | None = None, m
                                 "compute; use logprobs=0 for the sampled tokens' log-probabilities",
                            param="logprobs", code="unsupported_parameter")
         prompt = body.prompt
-        if isinstance(prompt, str):
-            prompts = [tokenizer.encode(prompt)]
+        if isinstance(prompt, str) or (prompt and all(isinstance(x, str) for x in prompt)):
+            texts = [prompt] if isinstance(prompt, str) else list(prompt)
+
+            def encode_texts() -> list[list[int]]:
+                for text in texts:
+                    server.check_text_size(text, "prompt")
+                return tokenizer.encode_batch(texts)
+
+            prompts = await server.off_loop(encode_texts)
         elif prompt and all(isinstance(x, int) for x in prompt):
             prompts = [list(prompt)]
-        elif prompt and all(isinstance(x, str) for x in prompt):
-            prompts = [tokenizer.encode(x) for x in prompt]
         elif prompt:
             prompts = [list(x) for x in prompt]
         else:
@@ -975,13 +1084,17 @@ def create_app(engine, tokenizer, model_name: str, api_key: str | None = None, m
         server.check_model(body.model)
         _check_unsupported_chat(body)
         messages = _render_messages(body)
-        try:  # message contents are plain text: '<|system|>' written by a user is not a system turn
-            pieces = tokenizer.chat_pieces(messages, add_generation_prompt=True)
-        except Exception as exc:  # a template that refuses the conversation
-            raise APIError(400, f"the chat template refused these messages: {exc}", param="messages",
-                           code="invalid_value") from None
-        text = "".join(piece for piece, _ in pieces)
-        prompt_ids = tokenizer.encode_chat_pieces(pieces)
+        def render_and_encode() -> tuple[str, list[int]]:
+            try:  # message contents are plain text: '<|system|>' written by a user is not a system turn
+                pieces = tokenizer.chat_pieces(messages, add_generation_prompt=True)
+            except Exception as exc:  # a template that refuses the conversation
+                raise APIError(400, f"the chat template refused these messages: {exc}", param="messages",
+                               code="invalid_value") from None
+            rendered = "".join(piece for piece, _ in pieces)
+            server.check_text_size(rendered, "messages")
+            return rendered, tokenizer.encode_chat_pieces(pieces)
+
+        text, prompt_ids = await server.off_loop(render_and_encode)
         server.check_prompt_ids(prompt_ids, "messages")
         in_reasoning = prompt_opens_reasoning(text)
         max_tokens, name = body.max_tokens, "max_tokens"
@@ -1102,10 +1215,14 @@ def serve_main(args: argparse.Namespace) -> int:
         raise NanoseekError(f"--max-slots must be positive, got {args.max_slots}")
     if getattr(args, "max_queue", 64) < 0:
         raise NanoseekError(f"--max-queue must be >= 0, got {args.max_queue}")
+    max_body_mb = getattr(args, "max_body_mb", DEFAULT_MAX_BODY_BYTES / MIB)
+    if not max_body_mb > 0:
+        raise NanoseekError(f"--max-body-mb must be positive, got {max_body_mb}")
     engine = Engine(model, tokenizer, max_slots=args.max_slots, max_seq_len=max_seq_len,
                     speculative="mtp" if getattr(args, "speculative", False) else None)
     name = getattr(args, "model_name", None) or os.path.basename(os.path.normpath(os.path.abspath(args.ckpt)))
-    app = create_app(engine, tokenizer, name, api_key=api_key, max_queue=args.max_queue)
+    app = create_app(engine, tokenizer, name, api_key=api_key, max_queue=args.max_queue,
+                     max_body_bytes=max(1, int(max_body_mb * MIB)))
     shown = f"[{host}]" if ":" in host else host
     print(f"nanoseek serve: model '{name}', {args.max_slots} slots × {max_seq_len} tokens, queue {args.max_queue}"
           f"{', API key required' if api_key else ''}", flush=True)
