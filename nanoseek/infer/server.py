@@ -102,7 +102,15 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return _AsciiJSON(self.body(), status_code=self.status)
+
+
+class _AsciiJSON(JSONResponse):
+    """JSON with non-ASCII characters escaped: an error message quoting the client's text may hold a lone
+    surrogate, which UTF-8 cannot encode (JSONResponse would raise); escaped, it is the same JSON string."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode("ascii")
 
 
 def _validation_error(exc: RequestValidationError) -> APIError:
@@ -614,6 +622,8 @@ class _Server:
         if len(stop) > MAX_STOP or not all(stop):
             raise APIError(400, f"stop must be at most {MAX_STOP} non-empty strings", param="stop",
                            code="invalid_value")
+        for i, text in enumerate(stop):
+            _utf8(text, "stop" if isinstance(body.stop, str) else f"stop[{i}]", param="stop")
         longest = max(range(len(stop)), key=lambda i: len(stop[i]), default=None)
         if longest is not None and len(stop[longest]) > MAX_STOP_CHARS:
             where = "stop" if isinstance(body.stop, str) else f"stop[{longest}]"
@@ -654,10 +664,11 @@ class _Server:
         return out
 
     def check_text_size(self, text: str, name: str) -> None:
-        """400 for a text that cannot fit the context whatever its tokens, told without tokenising it."""
+        """400 for text that is not Unicode (a lone surrogate, which JSON can carry), or that cannot fit the
+        context whatever its tokens, told without tokenising it."""
+        size = len(_utf8(text, name))
         if self.max_token_bytes is None:
             return
-        size = len(text.encode("utf-8"))
         least = -(-size // self.max_token_bytes)
         if least >= self.max_seq_len:
             raise APIError(400, f"This model's maximum context length is {self.max_seq_len} tokens, but the "
@@ -731,6 +742,16 @@ class _Server:
     async def off_loop(fn, *args):
         """``fn(*args)`` in a worker thread: tokenising a long text must not stall the event loop."""
         return await anyio.to_thread.run_sync(fn, *args)
+
+
+def _utf8(text: str, name: str, param: str | None = None) -> bytes:
+    """``text`` in UTF-8; a 400 naming ``name`` when it holds a lone surrogate (``"\\ud800"`` in JSON)."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise APIError(400, f"{name} is not valid Unicode text: it holds the lone surrogate "
+                            f"\\u{ord(text[exc.start]):04x} at character {exc.start}", param=param or name,
+                       code="invalid_value") from None
 
 
 def _max_token_bytes(tokenizer) -> int | None:
@@ -885,7 +906,9 @@ def _render_messages(body: ChatCompletionRequest) -> list[dict[str, str]]:
         if role not in ("system", "user", "assistant"):
             raise APIError(400, f"messages[{i}].role '{message.role}' is not supported (system, developer, user "
                                 f"or assistant)", param="messages", code="invalid_value")
-        out.append({"role": role, "content": _message_text(message, i)})
+        content = _message_text(message, i)
+        _utf8(content, f"messages[{i}].content", param="messages")
+        out.append({"role": role, "content": content})
     return out
 
 
