@@ -388,3 +388,43 @@ def served_app(ckpt, monkeypatch, *flags):
     return caught["app"]
 
 
+def test_loopback_server_answers_only_loopback_host_names(ckpt, monkeypatch):
+    """DNS rebinding: a page on evil.example whose name now resolves to 127.0.0.1 must get nothing."""
+    app = served_app(ckpt, monkeypatch, "--allowed-host", "my.box")
+    with live_server(app) as url, http(url) as c:
+        for host in ("evil.example", "evil.example:8000", "127.0.0.1.evil.example", "localhost.evil.example:80"):
+            for path in ("/v1/models", "/health", "/metrics", "/"):
+                err = assert_error(c.get(path, headers={"Host": host}), 421, contains=(host.split(":")[0],
+                                                                                         "--allowed-host"))
+                assert err["code"] == "host_not_allowed"
+            r = c.post("/v1/completions", headers={"Host": host}, json={"prompt": "hi", "max_tokens": 2})
+            assert_error(r, 421)
+        for host in ("localhost", "localhost:8000", "LocalHost:1", "127.0.0.1", "127.0.0.1:8000", "[::1]",
+                     "[::1]:8000", "my.box", "my.box:443"):
+            r = c.get("/v1/models", headers={"Host": host})
+            assert r.status_code == 200, (host, r.text)
+        r = c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})  # httpx sends 127.0.0.1:PORT
+        assert r.status_code == 200, r.text
+
+
+def test_which_binds_check_the_host():
+    from nanoseek.infer.server import allowed_hosts_for
+
+    assert set(allowed_hosts_for("127.0.0.1")) == set(allowed_hosts_for("::1")) == {"localhost", "127.0.0.1", "[::1]"}
+    assert set(allowed_hosts_for("localhost", ["My.Box:8000", "::2"])) == {"localhost", "127.0.0.1", "[::1]",
+                                                                           "my.box", "[::2]"}
+    assert allowed_hosts_for("127.0.0.1", ["*"]) is None  # explicitly off
+    assert allowed_hosts_for("0.0.0.0") is None  # a public bind is reached under names we cannot guess
+    assert "my.box" in allowed_hosts_for("0.0.0.0", ["my.box"])
+
+
+def test_metrics_need_the_api_key_when_one_is_set(ckpt, monkeypatch):
+    app = served_app(ckpt, monkeypatch, "--api-key", "sesame")
+    with live_server(app) as url, http(url) as c:
+        assert_error(c.get("/metrics"), 401)
+        assert_error(c.get("/metrics", headers={"Authorization": "Bearer wrong"}), 401)
+        r = c.get("/metrics", headers={"Authorization": "Bearer sesame"})
+        assert r.status_code == 200 and "nanoseek_requests_total" in r.text
+        assert c.get("/health").status_code == 200  # liveness probes need no key
+
+

@@ -34,7 +34,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $NANOSEEK_API_KEY, else none)")
+                   help="require 'Authorization: Bearer KEY' on /v1/* and /metrics (default: $NANOSEEK_API_KEY, "
+                        "else none)")
     p.add_argument("--model-name", default=None,
                    help="the model id clients use (default: the checkpoint folder's name)")
     p.add_argument("--max-slots", type=int, default=16, help="requests decoded together (cache slots; default 16)")
@@ -42,6 +43,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="requests that may wait for a slot; more get a 429 (default 64)")
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="context per request, prompt + completion (default: the model's, at most 8192)")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="HOST",
+                   help="also answer requests whose Host header is HOST (any port; repeatable). A loopback "
+                        "server answers only to localhost, 127.0.0.1 and [::1] (DNS-rebinding protection); "
+                        "'*' answers to any Host")
     p.add_argument("--max-body-mb", type=float, default=4.0,
                    help="largest request body accepted, in MiB; larger ones get a 413 (default 4)")
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding (needs MTP weights)")

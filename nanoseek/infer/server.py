@@ -35,10 +35,15 @@ read, or, sent chunked, as soon as it passes the limit. Text is tokenised in a w
 the event loop, and with nanoseek's byte-level tokenizers a text too long for the context whatever its
 tokens is refused without being tokenised.
 
+Host check: ``create_app(allowed_hosts=...)`` answers only requests whose ``Host`` header names one
+of those hosts (any port), others get a 421 (code ``host_not_allowed``). ``nanoseek serve`` on a
+loopback address allows ``localhost``, ``127.0.0.1`` and ``[::1]`` plus ``--allowed-host`` names, so
+a web page cannot reach the API through DNS rebinding (a name of its own that resolves to 127.0.0.1).
+
 Errors have OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 400 for bad JSON,
 wrong types (FastAPI's 422 is mapped to 400), bad values and prompts that do not fit the context
 (the message names the numbers); 401 for a missing or wrong ``Authorization: Bearer KEY`` when a key
-is set (``/v1/*`` only: the page, ``/health`` and ``/metrics`` stay open); 404 for an unknown model
+is set (``/v1/*`` and ``/metrics``: the page and ``/health`` stay open); 404 for an unknown model
 or path; 429 when ``max_slots + max_queue`` requests are already in flight (a request that alone asks
 for more generations, ``n`` × prompts, than that gets a 400: it could never fit); 500 when generation
 fails (the engine loop carries on with the next requests).
@@ -67,7 +72,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Annotated, Any, AsyncIterator, Union
+from typing import Annotated, Any, AsyncIterator, Iterable, Union
 
 import anyio
 from fastapi import FastAPI, Request
@@ -86,6 +91,7 @@ MAX_STOP = 16  # stop strings per request
 MAX_STOP_CHARS = 128  # characters per stop string: the engine checks every stop string at every token
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed takes
 MIB = 1 << 20
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")  # Host names a loopback server answers to by default
 DEFAULT_MAX_BODY_BYTES = 4 * MIB
 
 
@@ -559,12 +565,14 @@ def _sse(obj: Any) -> str:
 # ============================================================================ the server state
 class _Server:
     def __init__(self, engine, tokenizer, model_name: str, api_key: str | None, max_queue: int,
-                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, allowed_hosts: Iterable[str] | None = None):
         if max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {max_queue}")
         if max_body_bytes <= 0:
             raise ValueError(f"max_body_bytes must be positive, got {max_body_bytes}")
         self.max_body_bytes = int(max_body_bytes)
+        self.allowed_hosts = None if allowed_hosts is None else tuple(dict.fromkeys(
+            _host_name(h) for h in allowed_hosts))
         self.max_token_bytes = _max_token_bytes(tokenizer)
         self.engine = engine
         self.tokenizer = tokenizer
@@ -794,8 +802,8 @@ def _endpoint_label(path: str) -> str:
 
 
 class _Gate:
-    """Pure ASGI middleware: API-key check on ``/v1/*``, the request-body limit, and request counting
-    by endpoint/status.
+    """Pure ASGI middleware: the Host allow-list, the API-key check on ``/v1/*`` and ``/metrics``, the
+    request-body limit, and request counting by endpoint/status.
 
     The body is read here, at most ``max_body_bytes`` of it: a declared ``Content-Length`` over the
     limit is refused before any of the body is read, a chunked body as soon as it passes the limit
@@ -820,13 +828,22 @@ class _Gate:
                 self.server.metrics.count_request(endpoint, message["status"])
             await send(message)
 
+        allowed = self.server.allowed_hosts
+        host = _header(scope, b"host")
+        if allowed is not None and host is not None and _host_name(host) not in allowed:
+            name = _host_name(host).strip("[]") or host
+            error = APIError(421, f"this server does not answer to the Host {host!r} (only {', '.join(allowed)}): "
+                                  f"requests under other names are refused, as a web page could reach a "
+                                  f"loopback server through a name it controls (DNS rebinding); to serve under "
+                                  f"that name, start the server with --allowed-host {name}",
+                             code="host_not_allowed")
+            response = error.response()
+            response.headers["Connection"] = "close"
+            return await response(scope, receive, counting_send)
+
         key = self.server.api_key
-        if key and path.startswith("/v1/") and scope.get("method") != "OPTIONS":
-            header = ""
-            for name, value in scope.get("headers", ()):
-                if name == b"authorization":
-                    header = value.decode("latin-1")
-                    break
+        if key and (path.startswith("/v1/") or path == "/metrics") and scope.get("method") != "OPTIONS":
+            header = _header(scope, b"authorization") or ""
             scheme, _, given = header.partition(" ")
             if not header:
                 error = APIError(401, "missing API key: send the header 'Authorization: Bearer KEY'",
@@ -866,6 +883,18 @@ class _Gate:
             return await receive()
 
         await self.app(scope, replay, counting_send)
+
+
+def _host_name(host: str) -> str:
+    """A Host header (or an allowed name) without its port, lower case: ``[::1]:8000`` → ``[::1]``."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[: host.find("]") + 1] if "]" in host else host
+    if host.count(":") > 1:  # a bare IPv6 address (an --allowed-host value)
+        return f"[{host}]"
+    name, sep, port = host.rpartition(":")
+    host = name if sep and port.isdigit() else host
+    return host[:-1] if host.endswith(".") else host  # 'localhost.' is 'localhost'
 
 
 def _header(scope, name: bytes) -> str | None:
@@ -926,16 +955,17 @@ def _check_unsupported_chat(body: ChatCompletionRequest) -> None:
 
 
 def create_app(engine, tokenizer, model_name: str, api_key: str | None = None, max_queue: int = 64,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, allowed_hosts: Iterable[str] | None = None) -> FastAPI:
     """The FastAPI app serving ``engine`` (which must not be stepped by anyone else while it runs).
 
     ``tokenizer`` is the checkpoint's :class:`~nanoseek.data.tokenizer.NanoTokenizer` (chat template,
     encode/decode); the engine should have it too (it decodes the text deltas). ``api_key`` protects
-    ``/v1/*``. At most ``engine max_slots + max_queue`` generation requests are in flight; more get a 429.
-    Request bodies over ``max_body_bytes`` get a 413.
+    ``/v1/*`` and ``/metrics``. At most ``engine max_slots + max_queue`` generation requests are in flight;
+    more get a 429. Request bodies over ``max_body_bytes`` get a 413. ``allowed_hosts`` (host names, any
+    port; None: no check) lists the Host headers answered; others get a 421 (see :func:`allowed_hosts_for`).
     The engine thread starts with the app (lifespan) or at the first request, and stops at shutdown.
     """
-    server = _Server(engine, tokenizer, model_name, api_key, max_queue, max_body_bytes)
+    server = _Server(engine, tokenizer, model_name, api_key, max_queue, max_body_bytes, allowed_hosts)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -1218,6 +1248,25 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def allowed_hosts_for(bind_host: str, extra: Iterable[str] = ()) -> list[str] | None:
+    """The Host names ``nanoseek serve --host BIND_HOST --allowed-host EXTRA...`` answers to (None: any).
+
+    A loopback server answers to ``localhost``, ``127.0.0.1`` and ``[::1]`` (any port) and the
+    ``extra`` names: a web page cannot reach it through a name of its own that resolves to 127.0.0.1
+    (DNS rebinding), key or no key. Other binds check the Host only when ``extra`` names are given;
+    ``*`` among them turns the check off.
+    """
+    extra = [h for h in extra or () if h]
+    if "*" in extra:
+        return None
+    if not extra and not _is_loopback(bind_host):
+        return None
+    names = list(LOOPBACK_HOSTS)
+    if bind_host and bind_host not in ("0.0.0.0", "::", "[::]"):
+        names.append(bind_host)
+    return list(dict.fromkeys(_host_name(h) for h in names + extra))
+
+
 def serve_main(args: argparse.Namespace) -> int:
     """``nanoseek serve --ckpt DIR [--host 127.0.0.1] [--port 8000] [--api-key KEY] ...``."""
     import uvicorn
@@ -1244,8 +1293,9 @@ def serve_main(args: argparse.Namespace) -> int:
     engine = Engine(model, tokenizer, max_slots=args.max_slots, max_seq_len=max_seq_len,
                     speculative="mtp" if getattr(args, "speculative", False) else None)
     name = getattr(args, "model_name", None) or os.path.basename(os.path.normpath(os.path.abspath(args.ckpt)))
+    allowed_hosts = allowed_hosts_for(host, getattr(args, "allowed_host", None) or ())
     app = create_app(engine, tokenizer, name, api_key=api_key, max_queue=args.max_queue,
-                     max_body_bytes=max(1, int(max_body_mb * MIB)))
+                     max_body_bytes=max(1, int(max_body_mb * MIB)), allowed_hosts=allowed_hosts)
     shown = f"[{host}]" if ":" in host else host
     print(f"nanoseek serve: model '{name}', {args.max_slots} slots × {max_seq_len} tokens, queue {args.max_queue}"
           f"{', API key required' if api_key else ''}", flush=True)
