@@ -428,3 +428,15 @@ def test_metrics_need_the_api_key_when_one_is_set(ckpt, monkeypatch):
         assert c.get("/health").status_code == 200  # liveness probes need no key
 
 
+def test_max_seq_len_beyond_the_model_warns(ckpt, monkeypatch, caplog):
+    limit = nanoseek.load(ckpt).config.max_position_embeddings
+    with caplog.at_level(logging.WARNING, logger="nanoseek.server"):
+        app = served_app(ckpt, monkeypatch, "--max-seq-len", str(limit + 44))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any(str(limit + 44) in w and str(limit) in w and "max_position_embeddings" in w for w in warnings), \
+        warnings
+    assert app.state.server.max_seq_len == limit + 44  # a warning, not a refusal
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="nanoseek.server"):
+        served_app(ckpt, monkeypatch, "--max-seq-len", str(limit))
+    assert not [r for r in caplog.records if "max_position_embeddings" in r.getMessage()]

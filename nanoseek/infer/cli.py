@@ -42,7 +42,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests that may wait for a slot; more get a 429 (default 64)")
     p.add_argument("--max-seq-len", type=int, default=None,
-                   help="context per request, prompt + completion (default: the model's, at most 8192)")
+                   help="context per request, prompt + completion (default: the model's, at most 8192; more "
+                        "than the model's max_position_embeddings gets a warning)")
     p.add_argument("--allowed-host", action="append", default=[], metavar="HOST",
                    help="also answer requests whose Host header is HOST (any port; repeatable). A loopback "
                         "server answers only to localhost, 127.0.0.1 and [::1] (DNS-rebinding protection); "

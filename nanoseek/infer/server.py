@@ -699,8 +699,8 @@ class _Server:
             n = len(params[0]) if params else 1
             asked = f"n={n} choices × {len(prompts)} prompts" if len(prompts) > 1 else f"n={n} choices"
             raise APIError(400, f"this request asks for {len(jobs)} generations ({asked}) but this server holds at "
-                                f"most {self.capacity} at once ({self.max_slots} slots + max_queue {self.max_queue}); "
-                                f"lower n or send fewer prompts per request",
+                                f"most {self.capacity} at once ({self.max_slots} slots + max_queue "
+                                f"{self.max_queue}); lower n or send fewer prompts per request",
                            param="n" if n > 1 else "prompt", code="invalid_value")
         if self.in_flight + len(jobs) > self.capacity:
             raise APIError(429, f"the server is busy: {self.in_flight} requests in flight and the queue holds "
@@ -860,7 +860,8 @@ class _Gate:
         limit = self.server.max_body_bytes
         declared = _header(scope, b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            return await _too_large(f"the request body is {int(declared)} bytes", limit)(scope, receive, counting_send)
+            refusal = _too_large(f"the request body is {int(declared)} bytes", limit)
+            return await refusal(scope, receive, counting_send)
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -1283,6 +1284,11 @@ def serve_main(args: argparse.Namespace) -> int:
     model, tokenizer = load_for_inference(args.ckpt, getattr(args, "device", "auto"), getattr(args, "dtype", "auto"))
     cfg = model.config
     max_seq_len = getattr(args, "max_seq_len", None) or min(cfg.max_position_embeddings, 8192)
+    if max_seq_len > cfg.max_position_embeddings:
+        log.warning("--max-seq-len %d exceeds the model's max_position_embeddings %d: positions past %d were "
+                    "never trained (RoPE), so long prompts and replies will degrade; the cache is also sized "
+                    "for %d tokens per slot", max_seq_len, cfg.max_position_embeddings,
+                    cfg.max_position_embeddings, max_seq_len)
     if getattr(args, "max_slots", 16) <= 0:
         raise NanoseekError(f"--max-slots must be positive, got {args.max_slots}")
     if getattr(args, "max_queue", 64) < 0:
