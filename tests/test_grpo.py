@@ -18,7 +18,8 @@ from nanoseek.rl import guard as rl_guard
 from nanoseek.rl import objective
 from nanoseek.rl.grpo import (GRPOTrainer, build_run_config, completion_logprobs, grpo, problem_seed,
                               sample_seed)
-from nanoseek.rl.guard import RLGuard, RLGuardConfig, fitted_change, repetition_coverage
+from nanoseek.rl.guard import (DEFAULT_POLICIES, POLICY_FIELDS, RLGuard, RLGuardConfig, fitted_change, trend_t,
+                               repetition_coverage)
 from nanoseek.tasks import (SYSTEM_PROMPT, Problem, Task, Verdict, get_task, register_reward,
                             register_task)
 from nanoseek.tasks.evaluate import EVAL_SEED_BASE, chat_prompt
@@ -226,6 +227,9 @@ def test_guard_is_quiet_on_calm_and_on_healthy_learning(tmp_path):
     assert not (tmp_path / "incidents.jsonl").exists()
 
 
+WARN_ALL = {name: "warn" for name in POLICY_FIELDS}
+
+
 @pytest.mark.parametrize("kind,series,completions", [
     ("reward_hacking", calm(16, format_rate=lambda i: 0.1 + 0.05 * i, accuracy=lambda i: 0.5 - 0.02 * i), None),
     ("length_explosion", calm(10) + calm(1, response_length=200), None),
@@ -239,7 +243,7 @@ def test_guard_is_quiet_on_calm_and_on_healthy_learning(tmp_path):
 def test_guard_detectors_fire_on_synthetic_series(tmp_path, kind, series, completions):
     lines = []
     path = tmp_path / "incidents.jsonl"
-    guard = RLGuard(RLGuardConfig(), path, log=lines.append)
+    guard = RLGuard(RLGuardConfig(**WARN_ALL), path, log=lines.append)
     actions = feed(guard, series, completions)
     assert "warn" in actions and set(actions) <= {"ok", "warn"}
     incidents = [json.loads(x) for x in path.read_text().splitlines()]
@@ -329,7 +333,7 @@ def test_cli_runs_a_step_with_the_chosen_options(init_ckpt, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["grpo", "--init-from", str(init_ckpt), "--task", "arithmetic:2", "--out", str(out), "--steps", "1",
                  "--prompts-per-step", "2", "--group-size", "2", "--max-tokens", "3", "--dapo",
-                 "--on-hacking", "rollback", "--on-kl", "warn", "--no-report", "--device", "cpu"]) == 0
+                 "--guard-policy", "rollback", "--on-kl", "warn", "--no-report", "--device", "cpu"]) == 0
     assert "final policy" in capsys.readouterr().out
     cfg = json.loads((out / "grpo_config.json").read_text())
     assert (cfg["task"], cfg["difficulty"], cfg["variant"], cfg["beta"], cfg["eps_high"]) == \
@@ -342,6 +346,8 @@ def test_cli_mirrors_agree_with_the_modules():
     assert rl_cli.LOSS_MODES == objective.LOSS_MODES
     assert rl_cli.RL_POLICIES == rl_guard.RL_POLICIES
     assert tuple(f"on_{k}" for k in rl_cli.GUARD_KINDS) == rl_guard.POLICY_FIELDS
+    assert {f"on_{k}": v for k, v in rl_cli.GUARD_DEFAULTS.items()} == DEFAULT_POLICIES
+    assert {name: getattr(RLGuardConfig(), name) for name in POLICY_FIELDS} == DEFAULT_POLICIES
 
 
 def test_config_validation(init_ckpt):
@@ -442,3 +448,101 @@ def test_train_layers_updates_only_the_top_of_the_model(init_ckpt, tmp_path):
         grpo(tmp_path / "bad", **run_cfg(init_ckpt, train_layers=n_layers + 1), **QUIET)
     with pytest.raises(NanoseekError, match="train_layers"):
         build_run_config(run_cfg(init_ckpt, train_layers=-1))
+
+
+# ------------------------------------------------------------------------------ issue 13, items 8 and 9
+def test_default_guard_rolls_back_on_reward_hacking_and_kl_blowup(tmp_path):
+    # The defaults were "warn" for every detector, so nothing was ever rolled back.
+    assert (DEFAULT_POLICIES["on_hacking"], DEFAULT_POLICIES["on_kl"]) == ("rollback", "rollback")
+    cases = {
+        "reward_hacking": calm(16, format_rate=lambda i: 0.1 + 0.05 * i, accuracy=lambda i: 0.5 - 0.02 * i),
+        "kl_blowup": calm(10) + calm(1, kl=0.5),  # a jump far above the window
+    }
+    for kind, series in cases.items():
+        guard = RLGuard(RLGuardConfig(), tmp_path / f"{kind}.jsonl", log=lambda s: None)
+        actions = feed(guard, series)
+        first = actions.index("rollback")
+        assert set(actions[:first]) == {"ok"}, (kind, actions)
+        incident = json.loads((tmp_path / f"{kind}.jsonl").read_text().splitlines()[0])
+        assert (incident["kind"], incident["action"], incident["step"]) == (kind, "rollback", first + 1)
+    guard = RLGuard(RLGuardConfig(), None, log=lambda s: None)
+    assert guard.check(1, calm(1, kl=3.0)[0]).action == "rollback"  # above kl_max: no history needed
+
+
+# The KL of a learning run (test task, lr 1e-2, beta 0.04, seed 0): it climbs smoothly past kl_max.
+CREEPING_KL = [0.0, 0.0237, 0.0254, 0.0537, 0.0542, 0.0699, 0.1025, 0.151, 0.1441, 0.2079, 0.3705, 0.3803,
+               0.4607, 0.4547, 0.7011, 0.8461, 1.052, 1.21, 1.35]
+
+
+def test_default_guard_only_warns_on_what_healthy_runs_also_do(tmp_path):
+    for series in (calm(10) + calm(1, response_length=200), calm(10) + calm(1, truncation_rate=0.8),
+                   calm(10) + calm(1, entropy=0.5), calm(1, entropy=0.001)):
+        guard = RLGuard(RLGuardConfig(), None, log=lambda s: None)
+        assert feed(guard, series)[-1] == "warn"
+    # a KL that crept above kl_max is reported once and not rolled back: going back replays the drift
+    lines = []
+    guard = RLGuard(RLGuardConfig(), None, log=lines.append)
+    actions = feed(guard, calm(len(CREEPING_KL), kl=lambda i: CREEPING_KL[i]))
+    assert actions == ["ok"] * 16 + ["warn", "ok", "ok"], actions
+    assert "rose gradually" in lines[0] and lines[0].endswith("-> warn")
+    assert guard.check(20, calm(1, kl=2 * CREEPING_KL[-1])[0]).action == "rollback"  # but a jump from there is
+
+
+def test_default_guard_rolls_back_on_repetition_only_after_healthy_steps(tmp_path):
+    loops = [[7] * 10, [1, 2] * 5, [3, 4, 5, 6, 7, 8, 9, 10]]
+    fine = [[3, 4, 5, 6, 7, 8, 9, 10]] * 3
+    lines = []
+    guard = RLGuard(RLGuardConfig(), tmp_path / "incidents.jsonl", log=lines.append)
+    assert feed(guard, calm(1), loops) == ["warn"]  # a policy that repeats from the start: no rollback
+    assert "no earlier steps to go back to" in lines[-1] and lines[-1].endswith("-> warn")
+    guard = RLGuard(RLGuardConfig(), None, log=lines.append)
+    assert feed(guard, calm(6), fine) == ["ok"] * 6
+    assert guard.check(7, calm(1)[0], loops).action == "rollback"  # it stopped being healthy
+    degenerate = RLGuard(RLGuardConfig(), None, log=lines.append)
+    assert feed(degenerate, calm(6), loops) == ["warn"] + ["ok"] * 5  # repeated all along
+    assert degenerate.check(7, calm(1)[0], loops).action == "ok"  # still the same warning: quiet
+    assert feed(degenerate, calm(1), fine) == ["ok"]
+    assert degenerate.check(9, calm(1)[0], loops).action == "warn"  # back, but it repeated before
+    assert "the policy repeated before" in lines[-1]
+
+
+def test_default_guard_rolls_back_a_kl_blowup_in_the_loop(init_ckpt, tmp_path):
+    # beta > 0 and a tiny kl_max: every update past the first leaves the reference "too far"
+    with pytest.raises(NanoseekError, match="rollbacks"):
+        grpo(tmp_path, **run_cfg(init_ckpt, beta=0.04, guard=dict(kl_max=1e-4, max_rollbacks=1)), **QUIET)
+    assert json.loads((tmp_path / "grpo_config.json").read_text())["guard"]["on_kl"] == "rollback"
+    recs = records(tmp_path)
+    assert [(r["step"], r["action"]) for r in recs] == [(1, "ok"), (2, "rollback"), (1, "ok"), (2, "rollback")]
+    kinds = [json.loads(x)["kind"] for x in (tmp_path / "incidents.jsonl").read_text().splitlines()]
+    assert kinds == ["kl_blowup", "rollback", "kl_blowup", "rollback"]
+
+
+def test_cli_guard_flags_set_one_detector_each(init_ckpt, tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr("nanoseek.rl.grpo.grpo", lambda out, resume=False, **fields: seen.update(fields) or
+                        {"final": "x"})
+    base = ["grpo", "--init-from", str(init_ckpt), "--task", "arithmetic", "--out", str(tmp_path / "r")]
+    assert main(base + ["--on-hacking", "warn"]) == 0
+    assert seen["guard"] == {"on_hacking": "warn"}  # --on-hacking used to set every detector
+    seen.clear()
+    assert main(base) == 0 and "guard" not in seen  # the RLGuardConfig defaults
+    assert main(base + ["--guard-policy", "warn", "--on-kl", "rollback"]) == 0
+    assert seen["guard"] == dict(WARN_ALL, on_kl="rollback")
+
+
+def test_default_guard_does_not_take_sampling_noise_for_reward_hacking(tmp_path):
+    # An R1-Zero start: the format is learnt (0.3 -> 0.9 in 20 steps) while accuracy stays at 0.3,
+    # measured on 64 samples a step (the cpu speedrun's batch). Without the trend's t-test, 2 of
+    # these 12 seeded runs "fell by 0.1" somewhere and would have been rolled back.
+    import random
+
+    for seed in range(12):
+        rng = random.Random(seed)
+        series = [calm(1, accuracy=sum(rng.random() < 0.3 for _ in range(64)) / 64,
+                       format_rate=sum(rng.random() < min(0.9, 0.3 + 0.03 * i) for _ in range(64)) / 64)[0]
+                  for i in range(50)]
+        guard = RLGuard(RLGuardConfig(), None, log=lambda s: None)
+        assert "rollback" not in feed(guard, series), seed
+    assert trend_t([1.0, 2.0, 3.0]) == math.inf and trend_t([3.0, 2.0, 1.0]) == -math.inf
+    assert trend_t([1.0, 1.0, 1.0]) == 0.0 and trend_t([1.0, 2.0]) == 0.0
+    assert trend_t([0.0, 1.0, 0.0, 1.0, 0.0, 1.0]) == pytest.approx(0.6124, abs=1e-4)

@@ -10,6 +10,19 @@ import argparse
 LOSS_MODES = ("sequence_mean", "token_mean", "constant")
 RL_POLICIES = ("warn", "rollback")
 GUARD_KINDS = ("hacking", "length", "kl", "entropy", "repetition")  # RLGuardConfig.on_<kind>
+# Mirror of nanoseek.rl.guard.DEFAULT_POLICIES (the reasons are in that module's docstring).
+GUARD_DEFAULTS = {"hacking": "rollback", "length": "warn", "kl": "rollback", "entropy": "warn",
+                  "repetition": "rollback"}
+GUARD_HELP = {
+    "hacking": "format rate up while accuracy falls: the reward is being gamed",
+    "length": "mean length jumps or most completions truncated; warn by default because longer "
+              "reasoning is what a healthy R1-style run learns",
+    "kl": "KL to the reference above kl_max or jumping (only with --beta > 0)",
+    "entropy": "policy entropy below the floor or halving; warn by default because entropy falls as "
+               "a policy commits, and a rollback replays the same trend",
+    "repetition": "most completions loop on a token or n-gram (rolls back only once earlier steps "
+                  "did not repeat)",
+}
 
 ARG_FIELDS = ("init_from", "task", "steps", "prompts_per_step", "group_size", "max_tokens", "temperature", "reward",
               "max_slots", "max_seq_len", "variant", "beta", "eps_low", "eps_high", "loss_mode", "loss_max_len", "mu",
@@ -75,12 +88,13 @@ def add_grpo_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--price-per-hour", dest="price_per_device_hour", type=float,
                    help="$ per device-hour for cost.json (default 2.0)")
     g.add_argument("--no-report", dest="report", action="store_false", default=None, help="do not write report.md")
-    g = p.add_argument_group("RL guard")
-    g.add_argument("--on-hacking", choices=RL_POLICIES,
-                   help="response to every RL guard detector: warn (default) or rollback; the flags below "
-                        "override it per detector")
-    for kind in GUARD_KINDS[1:]:
-        g.add_argument(f"--on-{kind}", choices=RL_POLICIES, help=f"response to the {kind} detector")
+    g = p.add_argument_group("RL guard", "what each detector does when it fires: warn (log and go on) or "
+                                         "rollback (reload the last checkpoint, move on to new prompts)")
+    g.add_argument("--guard-policy", choices=RL_POLICIES,
+                   help="one response for every detector; the --on-KIND flags override it per detector")
+    for kind in GUARD_KINDS:
+        g.add_argument(f"--on-{kind}", choices=RL_POLICIES,
+                       help=f"{GUARD_HELP[kind]} (default {GUARD_DEFAULTS[kind]})")
 
 
 def grpo_main(args: argparse.Namespace) -> int:
@@ -91,9 +105,9 @@ def grpo_main(args: argparse.Namespace) -> int:
     fields = {name: getattr(args, name, None) for name in ARG_FIELDS}
     fields = {k: v for k, v in fields.items() if v is not None}
     guard = {}
-    if getattr(args, "on_hacking", None) is not None:
-        guard = {f"on_{kind}": args.on_hacking for kind in GUARD_KINDS}
-    for kind in GUARD_KINDS[1:]:
+    if getattr(args, "guard_policy", None) is not None:
+        guard = {f"on_{kind}": args.guard_policy for kind in GUARD_KINDS}
+    for kind in GUARD_KINDS:
         value = getattr(args, f"on_{kind}", None)
         if value is not None:
             guard[f"on_{kind}"] = value

@@ -23,12 +23,27 @@ noted):
 
 - ``reward_hacking``: over the window plus this step, the least-squares trend of the format rate
   rises by at least ``hacking_format_rise`` while the accuracy trend falls by at least
-  ``hacking_accuracy_drop`` (the model learns to please the format check instead of solving);
+  ``hacking_accuracy_drop`` (the model learns to please the format check instead of solving),
+  each trend standing out of the series' own noise: the slope is at least ``hacking_min_t`` of
+  its standard errors (:func:`trend_t`), over at least ``hacking_min_history`` accepted steps
+  (at most ``window``).
+  Without those a run whose format is being learnt while accuracy stays flat (the start of an
+  R1-Zero run) reads sampling noise as a fall. Simulated with 64 binomial samples a step (the
+  cpu speedrun's batch), format 0.3 → 0.9 over 20 steps and a flat accuracy of 0.3 "fell by 0.1"
+  in 33 of 200 runs of 50 steps without the test, in 2 of 200 with it; a real fall (from step
+  10, accuracy 0.5 → 0.2 while format 0.3 → 0.9 over 20 steps) is caught in 200 of 200 runs,
+  a median 13 steps after it starts (8 when accuracy falls to 0 over 10 steps);
 - ``length_explosion``: the mean length is more than ``length_zscore`` robust sigmas above the
   window median AND at least ``length_min_ratio`` × that median; or at least
-  ``truncation_fraction`` of the completions hit ``max_tokens`` while the window median was below it;
+  ``truncation_fraction`` of the completions hit ``max_tokens`` while the window median was below
+  half of it (a policy that hovers around ``truncation_fraction``, as a barely trained one with
+  45% truncated did in a 30-step ``nanoseek grpo`` run, is not reported at every crossing);
 - ``kl_blowup``: KL above ``kl_max`` (no history needed), or KL ≥ ``kl_min`` and more than
-  ``kl_zscore`` robust sigmas above the window median;
+  ``kl_zscore`` robust sigmas above the window median. It gets the ``on_kl`` response when the KL
+  jumped (at least ``kl_jump_ratio`` × the last accepted step's, or no step accepted yet); a KL
+  that crept there step by step gets a ``"warn"``: a rollback would replay the same drift (a
+  learnable toy task at lr 1e-2, β 0.04 climbs smoothly from 0 to 1.05 in 17 steps while its
+  reward rises; with the cap as a rollback it was rolled back 4 times and stopped);
 - ``entropy_collapse``: entropy below ``entropy_floor`` at the first step or when the whole window
   before the current stay below it was above it (a policy that starts or hovers near the floor is
   reported once, not every time it dips), or below ``entropy_drop_ratio`` × the window median
@@ -36,7 +51,10 @@ noted):
 - ``repetition``: more than ``repeat_fraction`` of the completions (those with at least
   ``repeat_min_tokens`` tokens) are degenerate: one run of a repeated token or of a repeated
   n-gram (n ≤ ``repeat_ngram``) covers more than ``repeat_coverage`` of the completion
-  (:func:`repetition_coverage`). No history needed.
+  (:func:`repetition_coverage`). No history needed to report it; a ``"rollback"`` response
+  needs ``min_history`` accepted steps whose median share of degenerate completions was at most
+  ``repeat_fraction`` (the policy did not repeat before): a policy that repeats from the start,
+  or whose last checkpoint already did, gets a ``"warn"``, since going back cannot help it.
 
 A ``"warn"`` incident is reported when its condition starts; while the same kind keeps firing on
 the following steps nothing new is written (the metrics show it), and it is reported again once it
@@ -44,7 +62,27 @@ has cleared and returns. A ``"rollback"`` incident is reported every time.
 
 Responses are per kind, ``"warn"`` (log and carry on) or ``"rollback"`` (the trainer reloads the
 last checkpoint: weights, optimizer, guard windows; the prompt stream is NOT rewound, so the run
-moves on to new prompts). Incidents are written and printed by a
+moves on to new prompts). The defaults (:data:`DEFAULT_POLICIES`) roll back on what is damage and
+only warn on what a healthy R1-style run also does:
+
+- ``on_hacking="rollback"``: a format rate that climbs while accuracy falls is the policy learning
+  the reward instead of the task; every further step trains that in;
+- ``on_kl="rollback"``: a KL that jumps above ``kl_max`` or far above its recent values is a policy
+  leaving its reference in one step (a bad batch, a too-high learning rate), not learning; the KL
+  term alone pulls back slowly (only jumps: see ``kl_blowup`` above);
+- ``on_repetition="rollback"``: most completions stuck in a loop is the classic RL collapse and
+  carries no signal to learn from (only once the policy is known not to have repeated before, see
+  ``repetition`` above);
+- ``on_length="warn"``: longer answers are what R1-Zero's reasoning looks like as it is learnt
+  ("thinking grows"; the cpu speedrun's GRPO stage moves from short bare answers to long worked
+  ones, partly in jumps), so a rollback would undo the very thing being learnt; padding by looping
+  is the repetition detector's, and a completion cut off at ``max_tokens`` has no answer, so the
+  reward already pays less for it;
+- ``on_entropy="warn"``: entropy falls as a policy commits to one way of answering (and a
+  confident SFT policy starts low); a rollback does not change the trend that led there, it
+  replays it with other prompts.
+
+Incidents are written and printed by a
 :class:`~nanoseek.train.guard.TrainingGuard` (same JSON lines, same ``[guard] step N: ...`` console
 line, same rollback accounting: more than ``max_rollbacks`` rollbacks stop the run).
 """
@@ -63,6 +101,9 @@ RL_POLICIES = ("warn", "rollback")
 RL_KINDS = ("reward_hacking", "length_explosion", "kl_blowup", "entropy_collapse", "repetition")
 SIGNALS = ("accuracy", "format_rate", "response_length", "truncation_rate", "kl", "entropy")
 POLICY_FIELDS = ("on_hacking", "on_length", "on_kl", "on_entropy", "on_repetition")
+#: The default response of each detector (why: see the module docstring).
+DEFAULT_POLICIES = {"on_hacking": "rollback", "on_length": "warn", "on_kl": "rollback", "on_entropy": "warn",
+                    "on_repetition": "rollback"}
 
 
 @dataclass
@@ -72,6 +113,8 @@ class RLGuardConfig:
     # reward hacking: format up while accuracy down (fitted change over window + this step)
     hacking_format_rise: float = 0.2
     hacking_accuracy_drop: float = 0.1
+    hacking_min_t: float = 4.0
+    hacking_min_history: int = 10
     # response-length explosion
     length_zscore: float = 6.0
     length_min_ratio: float = 1.5
@@ -80,6 +123,7 @@ class RLGuardConfig:
     kl_max: float = 1.0
     kl_min: float = 0.05
     kl_zscore: float = 8.0
+    kl_jump_ratio: float = 2.0
     # entropy collapse
     entropy_floor: float = 0.03
     entropy_drop_ratio: float = 0.5
@@ -88,12 +132,12 @@ class RLGuardConfig:
     repeat_ngram: int = 4
     repeat_min_tokens: int = 8
     repeat_fraction: float = 0.5
-    # responses
-    on_hacking: str = "warn"
-    on_length: str = "warn"
-    on_kl: str = "warn"
-    on_entropy: str = "warn"
-    on_repetition: str = "warn"
+    # responses (defaults: DEFAULT_POLICIES; why: the module docstring)
+    on_hacking: str = DEFAULT_POLICIES["on_hacking"]
+    on_length: str = DEFAULT_POLICIES["on_length"]
+    on_kl: str = DEFAULT_POLICIES["on_kl"]
+    on_entropy: str = DEFAULT_POLICIES["on_entropy"]
+    on_repetition: str = DEFAULT_POLICIES["on_repetition"]
     max_rollbacks: int = 3
 
     def __post_init__(self) -> None:
@@ -120,7 +164,11 @@ class RLGuardConfig:
             need(name, 0 < getattr(self, name) <= 1, "in (0, 1]")
         need("entropy_drop_ratio", 0 < self.entropy_drop_ratio < 1, "in (0, 1)")
         need("entropy_floor", self.entropy_floor >= 0, ">= 0")
+        need("hacking_min_t", self.hacking_min_t >= 0, ">= 0")
+        need("hacking_min_history", is_int(self.hacking_min_history) and self.hacking_min_history >= 2,
+             "an integer >= 2 (capped at window)")
         need("kl_min", self.kl_min >= 0, ">= 0")
+        need("kl_jump_ratio", self.kl_jump_ratio >= 1, ">= 1")
         need("repeat_ngram", is_int(self.repeat_ngram) and self.repeat_ngram >= 1, "an integer >= 1")
         need("repeat_min_tokens", is_int(self.repeat_min_tokens) and self.repeat_min_tokens >= 2,
              "an integer >= 2")
@@ -151,6 +199,25 @@ def fitted_change(values: Sequence[float]) -> float:
     sxx = sum((i - mean_x) ** 2 for i in range(n))
     sxy = sum((i - mean_x) * (v - mean_y) for i, v in enumerate(values))
     return sxy / sxx * (n - 1)
+
+
+def trend_t(values: Sequence[float]) -> float:
+    """The t-statistic of the least-squares slope of ``values``: slope / its standard error, from the
+    residuals about the line (``inf`` with the slope's sign for a perfect line, 0 for a flat one or
+    ``n < 3``). How far the trend stands out of the series' own step-to-step noise."""
+    n = len(values)
+    if n < 3:
+        return 0.0
+    mean_x = (n - 1) / 2
+    mean_y = sum(values) / n
+    sxx = sum((i - mean_x) ** 2 for i in range(n))
+    slope = sum((i - mean_x) * (v - mean_y) for i, v in enumerate(values)) / sxx
+    rss = sum((v - mean_y - slope * (i - mean_x)) ** 2 for i, v in enumerate(values))
+    se = math.sqrt(rss / (n - 2) / sxx)
+    scale = max(abs(v) for v in values) or 1.0
+    if se <= 1e-12 * scale:  # a perfect line
+        return 0.0 if abs(slope) <= 1e-12 * scale else math.copysign(math.inf, slope)
+    return slope / se
 
 
 def repetition_coverage(tokens: Sequence[int], max_ngram: int = 4) -> float:
@@ -208,7 +275,7 @@ class RLGuard:
         # The training guard writes and prints incidents and counts rollbacks; its own detectors
         # (loss spikes etc.) are not used here.
         self._base = TrainingGuard(GuardConfig(max_rollbacks=config.max_rollbacks), incidents_path, log)
-        self.windows = {name: RobustWindow(config.window) for name in SIGNALS}
+        self.windows = {name: RobustWindow(config.window) for name in SIGNALS + ("repetition",)}
         self.last_repetition: float | None = None
         self._active: set[str] = set()  # warn kinds that fired on the last judged step
 
@@ -238,17 +305,20 @@ class RLGuard:
 
     def _hacking(self, step: int, acc: float | None, fmt: float | None) -> list[dict]:
         cfg = self.config
-        if acc is None or fmt is None or not (self._ready("accuracy") and self._ready("format_rate")):
+        need = min(cfg.hacking_min_history, cfg.window)
+        if acc is None or fmt is None or min(len(self.windows["accuracy"]), len(self.windows["format_rate"])) < need:
             return []
-        d_fmt = fitted_change(self.windows["format_rate"].values + [fmt])
-        d_acc = fitted_change(self.windows["accuracy"].values + [acc])
+        fmts = self.windows["format_rate"].values + [fmt]
+        accs = self.windows["accuracy"].values + [acc]
+        d_fmt, d_acc = fitted_change(fmts), fitted_change(accs)
         if d_fmt >= cfg.hacking_format_rise and d_acc <= -cfg.hacking_accuracy_drop:
-            n = len(self.windows["format_rate"]) + 1
-            return [self._base._incident(
-                step, "reward_hacking", d_fmt, cfg.hacking_format_rise,
-                f"over the last {n} steps the format rate trend rose by {d_fmt:+.3f} (now {fmt:.3f}) while "
-                f"accuracy fell by {d_acc:+.3f} (now {acc:.3f}): the format reward may be gamed",
-                cfg.on_hacking)]
+            t_fmt, t_acc = trend_t(fmts), trend_t(accs)
+            if t_fmt >= cfg.hacking_min_t and t_acc <= -cfg.hacking_min_t:
+                return [self._base._incident(
+                    step, "reward_hacking", d_fmt, cfg.hacking_format_rise,
+                    f"over the last {len(fmts)} steps the format rate trend rose by {d_fmt:+.3f} (now {fmt:.3f}, "
+                    f"t {t_fmt:.1f}) while accuracy fell by {d_acc:+.3f} (now {acc:.3f}, t {t_acc:.1f}): the "
+                    f"format reward may be gamed", cfg.on_hacking)]
         return []
 
     def _length(self, step: int, length: float | None, trunc: float | None) -> list[dict]:
@@ -266,7 +336,7 @@ class RLGuard:
         t = self.windows["truncation_rate"]
         if not out and trunc is not None and self._ready("truncation_rate"):
             med = t.median()
-            if trunc >= cfg.truncation_fraction > med:
+            if trunc >= cfg.truncation_fraction and med < cfg.truncation_fraction / 2:
                 out.append(self._base._incident(
                     step, "length_explosion", trunc, cfg.truncation_fraction,
                     f"{trunc:.0%} of the completions hit max_tokens (median of the last {len(t)} steps: "
@@ -278,16 +348,24 @@ class RLGuard:
         if kl is None:
             return []
         w = self.windows["kl"]
+        last = w.values[-1] if len(w) else None
+        # A jump (at least kl_jump_ratio x the last accepted step's KL) gets the configured response;
+        # a KL that crept up step by step gets a warning: going back would replay the same drift.
+        action, note = cfg.on_kl, ""
+        if last is not None and kl < cfg.kl_jump_ratio * last:
+            action = "warn"
+            note = (f"; it rose gradually ({_fmt(last)} the step before): warning, not rolling back "
+                    f"(a larger beta or a lower lr holds the policy closer)") if cfg.on_kl != "warn" else ""
         if kl > cfg.kl_max:
             return [self._base._incident(step, "kl_blowup", kl, cfg.kl_max,
-                                         f"KL to the reference {_fmt(kl)} exceeds {cfg.kl_max:g}", cfg.on_kl)]
+                                         f"KL to the reference {_fmt(kl)} exceeds {cfg.kl_max:g}{note}", action)]
         if kl >= cfg.kl_min and self._ready("kl"):
             z = w.zscore(kl)
             if z > cfg.kl_zscore:
                 return [self._base._incident(
                     step, "kl_blowup", z, cfg.kl_zscore,
                     f"KL to the reference {_fmt(kl)} is {z:.1f} robust sigmas above the median "
-                    f"{_fmt(w.median())} of the last {len(w)} steps", cfg.on_kl)]
+                    f"{_fmt(w.median())} of the last {len(w)} steps{note}", action)]
         return []
 
     def _entropy(self, step: int, ent: float | None) -> list[dict]:
@@ -323,11 +401,18 @@ class RLGuard:
         frac, judged = degenerate_fraction(completions, cfg.repeat_coverage, cfg.repeat_ngram,
                                            cfg.repeat_min_tokens)
         if judged and frac > cfg.repeat_fraction:
+            action, note = cfg.on_repetition, ""
+            w = self.windows["repetition"]
+            if action == "rollback" and not (self._ready("repetition") and w.median() <= cfg.repeat_fraction):
+                # Going back only helps a policy that did not repeat before.
+                action = "warn"
+                note = ("; the policy repeated before" if len(w) else "; no earlier steps to go back to") + \
+                       ": warning instead of rolling back"
             return [self._base._incident(
                 step, "repetition", frac, cfg.repeat_fraction,
                 f"{frac:.0%} of {judged} completions are degenerate (one repeated token or n-gram, n <= "
-                f"{cfg.repeat_ngram}, covers more than {cfg.repeat_coverage:.0%} of the text)",
-                cfg.on_repetition)], frac
+                f"{cfg.repeat_ngram}, covers more than {cfg.repeat_coverage:.0%} of the text){note}",
+                action)], frac
         return [], frac if judged else None
 
     def check(self, step: int, signals: Mapping[str, Any],
@@ -352,9 +437,11 @@ class RLGuard:
         return Decision(action=action, incidents=incidents)
 
     def accept(self, signals: Mapping[str, Any]) -> None:
-        """Enter an applied (not rolled back) step's signals into the windows."""
-        for name in SIGNALS:
-            x = _num(signals.get(name))
+        """Enter an applied (not rolled back) step's signals into the windows; the share of
+        degenerate completions is ``signals["repetition"]`` when given, else that of the last
+        :meth:`check`."""
+        for name in SIGNALS + ("repetition",):
+            x = _num(signals.get(name, self.last_repetition if name == "repetition" else None))
             if x is not None:
                 self.windows[name].push(x)
 
