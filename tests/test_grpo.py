@@ -530,6 +530,71 @@ def test_cli_guard_flags_set_one_detector_each(init_ckpt, tmp_path, monkeypatch)
     assert seen["guard"] == dict(WARN_ALL, on_kl="rollback")
 
 
+class Flaky:
+    """A reward that raises on its ``bad``-th call (0-based) and pays 1 for a lowercase start otherwise."""
+
+    def __init__(self, bad):
+        self.bad, self.calls = set(bad), 0
+
+    def __call__(self, prompt, completion, fields):
+        self.calls += 1
+        if self.calls - 1 in self.bad:
+            raise ZeroDivisionError("verifier divided by zero")
+        return first_lower_reward(prompt, completion, fields)
+
+
+def test_a_reward_that_raises_on_one_completion_leaves_the_step_running(init_ckpt, tmp_path):
+    cfg = build_run_config(run_cfg(init_ckpt, prompts_per_step=2, group_size=4))
+    trainer = GRPOTrainer(cfg, tmp_path, False, log=lambda s: None)
+    trainer.reward_fn = Flaky(bad={2})
+    roll = trainer.rollout(0)
+    assert float(roll.rewards[2]) == 0.0 and trainer.reward_fn.calls == 8
+    (err,) = roll.reward_errors
+    assert (err["index"], err["check"], err["error"]) == (2, "reward", "ZeroDivisionError")
+    assert err["completion"] == roll.completions[2].text[:200] and "divided by zero" in err["message"]
+
+    # in the loop: the step is taken and recorded, the error counted in metrics and incidents
+    lines = []
+    trainer = GRPOTrainer(cfg, tmp_path / "run", False, log=lines.append)
+    trainer.reward_fn = Flaky(bad={2})
+    summary = trainer.train()
+    recs = records(tmp_path / "run")
+    assert [(r["step"], r["action"], r["reward_errors"]) for r in recs] == [(1, "ok", 1), (2, "ok", 0)]
+    assert summary["step"] == 2 and summary["incidents"] == {"reward_error": 1}
+    (inc,) = [json.loads(x) for x in (tmp_path / "run" / "incidents.jsonl").read_text().splitlines()]
+    assert (inc["step"], inc["kind"], inc["action"], inc["value"], inc["error"]) == \
+        (1, "reward_error", "warn", 1, "ZeroDivisionError")
+    assert inc["completion"] == err["completion"] and "1 of 8 completions" in inc["detail"]
+    assert any(line.startswith("[guard] step 1: reward_error:") for line in lines)
+
+    # a reward that raises on every completion is broken itself: the run stops, naming the error
+    trainer.reward_fn = Flaky(bad=range(100))
+    with pytest.raises(NanoseekError, match="raised on all 8 completions.*ZeroDivisionError"):
+        trainer.rollout(5)
+
+
+def test_a_verifier_that_raises_counts_as_a_wrong_answer(init_ckpt, tmp_path):
+    class Broken(Task):
+        name = "test_broken_verifier"
+
+        def make_problem(self, rng, difficulty):
+            return Problem(prompt=f"Say word {rng.randint(0, 99)}.", answer="x")
+
+        def check(self, answer, fields):
+            return Verdict.WRONG
+
+        def grade(self, completion, fields):  # what accuracy_reward calls
+            raise RuntimeError("bug in the verifier")
+
+    register_task(Broken(), overwrite=True)
+    cfg = build_run_config(run_cfg(init_ckpt, task="test_broken_verifier", reward=TASK))
+    trainer = GRPOTrainer(cfg, tmp_path, False, log=lambda s: None)
+    roll = trainer.rollout(0)  # the training reward works: the step goes on, accuracy counts as 0
+    assert roll.accuracy == 0.0 and len(roll.reward_errors) == 8
+    assert {(e["check"], e["error"]) for e in roll.reward_errors} == {("accuracy", "RuntimeError")}
+    assert sorted(roll.rewards.tolist()) == sorted(first_lower_reward("", c.text, {}) for c in roll.completions)
+
+
 def test_default_guard_does_not_take_sampling_noise_for_reward_hacking(tmp_path):
     # An R1-Zero start: the format is learnt (0.3 -> 0.9 in 20 steps) while accuracy stays at 0.3,
     # measured on 64 samples a step (the cpu speedrun's batch). Without the trend's t-test, 2 of

@@ -8,7 +8,11 @@ One step::
        object being trained, in eval mode), each sample with its own seed (run seed, batch, prompt,
        sample); the engine returns every token's log-prob under the sampling distribution: π_old;
     3. rewards from the configured rule-based reward (default ``combined``: accuracy + 0.1·format),
-       plus DAPO's overlong penalty when configured; group advantages (R1 eq. 3);
+       plus DAPO's overlong penalty when configured; group advantages (R1 eq. 3). A completion on
+       which the reward (or the accuracy / format check) raises gets :data:`REWARD_ON_ERROR` and is
+       counted (``reward_errors``) and reported (a ``reward_error`` incident naming the exception
+       and the start of the completion): one bad completion does not stop the run. If the reward
+       raises on every completion of a step, it is broken itself and the run stops with that error;
     4. dynamic sampling (DAPO): groups whose G rewards are all equal carry no signal and are dropped
        (counted; if none remains, the update is skipped and logged);
     5. μ passes over the kept groups, split into ``minibatches`` optimizer steps each: a full forward
@@ -43,8 +47,9 @@ generated tokens) / ``response_length_max``, ``truncation_rate`` (finish_reason 
 ``zero_variance_frac``, ``groups_kept`` / ``groups_dropped`` / ``update_skipped`` (dynamic sampling),
 ``kl`` (k3 to the reference; null when β = 0), ``clip_low`` / ``clip_high`` / ``ratio_mean``,
 ``entropy`` (mean token entropy of the sampling distribution on every sampled completion),
-``repetition_frac``, ``loss``, ``grad_norm``, ``lr``, ``samples`` / ``tokens`` / ``samples_per_s`` /
-``tokens_per_s`` (whole step), ``rollout_s``, ``step_s``, ``action`` (the RL guard's), ``batch``, and
+``repetition_frac``, ``reward_errors`` (completions whose reward raised), ``loss``, ``grad_norm``,
+``lr``, ``samples`` / ``tokens`` / ``samples_per_s`` / ``tokens_per_s`` (whole step), ``rollout_s``,
+``step_s``, ``action`` (the RL guard's), ``batch``, and
 ``eval_accuracy`` (+ format rate, length) every ``eval_every`` steps. The cost meter counts samples and
 prompt + completion tokens (what the training forward processes).
 
@@ -87,6 +92,10 @@ RESUME_CHANGEABLE = frozenset({
     "samples_per_log", "device", "price_per_device_hour", "guard", "report", "max_slots",
 })
 _U63 = (1 << 63) - 1
+#: The reward of a completion on which the reward function raised: the lowest the built-in rewards
+#: pay (no answer), so a crash never pays more than a plain failure.
+REWARD_ON_ERROR = 0.0
+_ERROR_TEXT_CHARS = 200  # how much of a failing completion (and of the error) the incident keeps
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -437,6 +446,8 @@ class Rollout:
     format_rate: float
     reward_none: int
     seconds: float
+    #: one entry per completion whose reward raised: index, check, error type, message, completion start
+    reward_errors: list[dict] = field(default_factory=list)
 
     @property
     def lengths(self) -> list[int]:
@@ -445,6 +456,18 @@ class Rollout:
 
 def _mean(xs: Sequence[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
+
+
+def _judge(what: str, fn: Callable, args: tuple, on_error: float, failed: list) -> float | None:
+    """``fn(*args)`` as a float (``None`` stays ``None``); when it raises, ``on_error``, and
+    ``(what, exception)`` is appended to ``failed``: a verifier that breaks on one completion
+    must not end the run."""
+    try:
+        value = fn(*args)
+        return None if value is None else float(value)
+    except Exception as exc:
+        failed.append((what, exc))
+        return on_error
 
 
 def _finite(x: Any) -> float | None:
@@ -655,24 +678,38 @@ class GRPOTrainer:
             completions = self.engine.generate(prompts, params)
         finally:
             self.model.train()
-        rewards, accs, fmts, none = [], [], [], 0
+        rewards, accs, fmts, none, errors = [], [], [], 0, []
         for n, comp in enumerate(completions):
             problem, text = problems[n // obj.group_size], texts[n // obj.group_size]
-            r = self.reward_fn(text, comp.text, problem.fields)
-            if r is None or not math.isfinite(float(r)):
+            failed: list[tuple[str, Exception]] = []
+            args = (text, comp.text, problem.fields)
+            r = _judge("reward", self.reward_fn, args, REWARD_ON_ERROR, failed)
+            if r is None or not math.isfinite(r):
                 none += 1
                 r = 0.0
-            rewards.append(float(r))
-            a = accuracy_reward(text, comp.text, problem.fields)
+            rewards.append(r)
+            a = _judge("accuracy", accuracy_reward, args, 0.0, failed)
             if a is not None:
                 accs.append(a)
-            fmts.append(format_reward(text, comp.text, problem.fields))
+            fmts.append(_judge("format", format_reward, args, 0.0, failed))
+            if failed:
+                what, exc = failed[0]
+                try:
+                    message = str(exc)[:_ERROR_TEXT_CHARS]
+                except Exception:  # an exception that cannot even describe itself
+                    message = "(no message)"
+                errors.append({"index": n, "check": what, "error": type(exc).__name__, "message": message,
+                               "completion": comp.text[:_ERROR_TEXT_CHARS]})
+        if errors and sum(e["check"] == "reward" for e in errors) == len(completions):
+            e = errors[0]
+            raise NanoseekError(f"the reward {cfg.reward!r} raised on all {len(completions)} completions of batch "
+                                f"{batch} ({e['error']}: {e['message']}): the reward is broken, not a completion")
         rewards_t = torch.tensor(rewards, dtype=torch.float32)
         if obj.overlong_max_len is not None:
             lengths = torch.tensor([len(c.token_ids) for c in completions])
             rewards_t = rewards_t + overlong_penalty(lengths, obj.overlong_max_len, obj.overlong_cache_len)
         return Rollout(batch, problems, texts, ids, completions, rewards_t, _mean(accs), _mean(fmts), none,
-                       time.perf_counter() - t0)
+                       time.perf_counter() - t0, errors)
 
     # ------------------------------------------------------------------ update
     def _micro_batches(self, seqs: list[int]) -> list[list[int]]:
@@ -817,6 +854,7 @@ class GRPOTrainer:
             "ratio_mean": upd.get("ratio_mean"), "entropy": _finite(upd.get("entropy")),
             "loss": upd.get("loss"), "grad_norm": upd.get("grad_norm"), "lr": upd["lr"],
             "repetition_frac": self.guard.last_repetition, "reward_none": roll.reward_none,
+            "reward_errors": len(roll.reward_errors),
             "samples": n, "tokens": gen_tokens,
             "samples_per_s": n / t_step if t_step > 0 else None,
             "tokens_per_s": gen_tokens / t_step if t_step > 0 else None,
@@ -855,6 +893,9 @@ class GRPOTrainer:
                 t0 = time.perf_counter()
                 roll = self.rollout(self.batch)
                 self.batch += 1
+                if roll.reward_errors:
+                    self.guard.note_reward_errors(step_no, roll.reward_errors, len(roll.completions),
+                                                  REWARD_ON_ERROR)
                 upd = self.update(roll, self.step)
                 n_samples = len(roll.completions)
                 self.cost.add_samples(n_samples)

@@ -445,6 +445,23 @@ class RLGuard:
             if x is not None:
                 self.windows[name].push(x)
 
+    def note_reward_errors(self, step: int, errors: Sequence[Mapping[str, Any]], n_completions: int,
+                           reward_on_error: float = 0.0) -> dict:
+        """Report the completions of step ``step`` on which the reward raised (one ``reward_error``
+        incident per step, action ``"warn"``: the step goes on with those completions at
+        ``reward_on_error``). ``errors`` holds dicts with ``check``, ``error`` (exception type),
+        ``message`` and ``completion`` (already truncated), as :meth:`GRPOTrainer.rollout` makes them."""
+        first = errors[0]
+        types = sorted({str(e["error"]) for e in errors})
+        inc = self._base._incident(
+            step, "reward_error", len(errors), 0,
+            f"the {first['check']} function raised on {len(errors)} of {n_completions} completions "
+            f"({', '.join(types)}; first: {first['error']}: {first['message']!r} on completion "
+            f"{first['completion']!r}); they got reward {reward_on_error:g} and the step goes on", "warn")
+        inc.update(error=str(first["error"]), completion=str(first["completion"]))
+        self._base._record(inc)
+        return inc
+
     def note_rollback(self, step: int, to_step: int) -> None:
         """Record a rollback (raises :class:`NanoseekError` past ``max_rollbacks``)."""
         self._base.note_rollback(step, to_step)
