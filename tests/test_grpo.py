@@ -595,6 +595,31 @@ def test_a_verifier_that_raises_counts_as_a_wrong_answer(init_ckpt, tmp_path):
     assert sorted(roll.rewards.tolist()) == sorted(first_lower_reward("", c.text, {}) for c in roll.completions)
 
 
+def test_final_is_published_from_the_last_checkpoint(init_ckpt, tmp_path, monkeypatch):
+    import nanoseek.train.checkpoint as ckpt_mod
+
+    published = []
+    real = ckpt_mod.publish_final
+    monkeypatch.setattr(ckpt_mod, "publish_final", lambda run_dir, ckpt: published.append(ckpt) or real(run_dir, ckpt))
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = build_run_config(run_cfg(init_ckpt, steps=3, checkpoint_every=2))
+    trainer = GRPOTrainer(cfg, run, False, log=lambda s: None)
+    summary = trainer.train()
+    last = run / "checkpoints" / "step_00000003"
+    assert published == [last] and summary["final"] == run / "final"
+    assert sorted(p.name for p in (run / "final").iterdir()) == sorted(p.name for p in (last / "model").iterdir())
+    assert (run / "final" / "tokenizer.json").read_bytes() == (init_ckpt / "tokenizer.json").read_bytes()
+    model, tok = load_for_inference(str(run / "final"), "cpu", "float32")  # self-contained, with the tokenizer
+    assert tok.vocab_size < model.config.vocab_size
+    final = nanoseek.load(run / "final").state_dict()
+    step = nanoseek.load(last / "model").state_dict()
+    live = trainer.model.state_dict()
+    assert final.keys() == live.keys()
+    assert all(torch.equal(final[k], step[k]) and torch.equal(final[k], live[k].cpu()) for k in final)
+    assert not list(run.glob("final.*"))  # no temporary or old copies left
+
+
 def test_default_guard_does_not_take_sampling_noise_for_reward_hacking(tmp_path):
     # An R1-Zero start: the format is learnt (0.3 -> 0.9 in 20 steps) while accuracy stays at 0.3,
     # measured on 64 samples a step (the cpu speedrun's batch). Without the trend's t-test, 2 of

@@ -39,7 +39,8 @@ Run directory (``--out``), the same machinery as pretraining::
     samples.jsonl       a few (prompt, completion, reward) every ``samples_every`` steps
     incidents.jsonl     what the RL guard saw (nanoseek.rl.guard)
     cost.json           device-hours and $ (stage "grpo")
-    final/              the last policy: a self-contained model directory with the tokenizer
+    final/              the last checkpoint's model + tokenizer, self-contained
+                        (:func:`~nanoseek.train.checkpoint.publish_final`, as pretraining)
 
 A metrics.jsonl record (stage "grpo"): ``reward`` (mean, shaped) / ``reward_std``, ``accuracy`` and
 ``format_rate`` (the accuracy and format rewards whatever reward trains), ``response_length`` (mean
@@ -239,13 +240,11 @@ class GRPORunConfig:
 
 
 def parse_task_spec(spec: str) -> tuple[str, int | None]:
-    """``"countdown:3"`` → ``("countdown", 3)``; ``"countdown"`` → ``("countdown", None)``."""
-    name, sep, diff = str(spec).partition(":")
-    if not sep:
-        return name, None
-    if not diff.strip().isdigit() or int(diff) < 1:
-        raise ConfigError(f"--task {spec!r}: the difficulty after ':' must be a positive integer")
-    return name, int(diff)
+    """``"countdown:3"`` → ``("countdown", 3)``; ``"countdown"`` → ``("countdown", None)`` (the
+    cold start's parser, :func:`nanoseek.tasks.coldstart.parse_task_spec`, naming ``--task``)."""
+    from ..tasks.coldstart import parse_task_spec as parse
+
+    return parse(spec, flag="--task")
 
 
 def build_run_config(fields: dict[str, Any]) -> GRPORunConfig:
@@ -634,27 +633,16 @@ class GRPOTrainer:
                  f"(batch {self.batch})")
         return True
 
-    def write_final(self) -> Path:
-        """``RUN_DIR/final``: the policy as a self-contained checkpoint directory (atomic replace)."""
-        import nanoseek
-        from ..train.checkpoint import TOKENIZER_FILES
+    def publish_final(self) -> Path:
+        """``RUN_DIR/final`` from the checkpoint of the current step (saved first if there is none),
+        through :func:`~nanoseek.train.checkpoint.publish_final`, as pretraining does: the same
+        files, fsynced, swapped in atomically."""
+        from ..train.checkpoint import TRAINER_STATE, checkpoint_dir, publish_final
 
-        final = self.run_dir / "final"
-        tmp = self.run_dir / f"final.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        nanoseek.save(self.model, tmp, max_shard_size="10GB")
-        for name in TOKENIZER_FILES:
-            if (self.tok_dir / name).is_file():
-                shutil.copyfile(self.tok_dir / name, tmp / name)
-        old = None
-        if final.exists():
-            old = self.run_dir / f"final.old-{os.getpid()}"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        return final
+        ckpt = checkpoint_dir(self.run_dir, self.step)
+        if not (ckpt / TRAINER_STATE).is_file():  # train() checkpoints its last step; others may not
+            ckpt = self.save()
+        return publish_final(self.run_dir, ckpt)
 
     # ------------------------------------------------------------------ rollout
     def rollout(self, batch: int) -> Rollout:
@@ -940,7 +928,7 @@ class GRPOTrainer:
             metrics.close()
             self.cost.stop()
             self.cost.save()
-        final = self.write_final()
+        final = self.publish_final()
         report = None
         if cfg.report:
             try:
