@@ -13,15 +13,15 @@ GUARD_KINDS = ("hacking", "length", "kl", "entropy", "repetition")  # RLGuardCon
 # Mirror of nanoseek.rl.guard.DEFAULT_POLICIES (the reasons are in that module's docstring).
 GUARD_DEFAULTS = {"hacking": "rollback", "length": "warn", "kl": "rollback", "entropy": "warn",
                   "repetition": "rollback"}
-GUARD_HELP = {
-    "hacking": "format rate up while accuracy falls: the reward is being gamed",
-    "length": "mean length jumps or most completions truncated; warn by default because longer "
-              "reasoning is what a healthy R1-style run learns",
-    "kl": "KL to the reference above kl_max or jumping (only with --beta > 0)",
-    "entropy": "policy entropy below the floor or halving; warn by default because entropy falls as "
-               "a policy commits, and a rollback replays the same trend",
-    "repetition": "most completions loop on a token or n-gram (rolls back only once earlier steps "
-                  "did not repeat)",
+GUARD_HELP = {  # (what fires, why the default)
+    "hacking": ("format rate up while accuracy falls", "the reward is being gamed"),
+    "length": ("mean length jumps or most completions hit --max-tokens",
+               "longer reasoning is what a healthy R1-style run learns"),
+    "kl": ("KL to the reference above kl_max or far above its recent values (only with --beta > 0)",
+           "on a jump; a KL that crept up only warns"),
+    "entropy": ("policy entropy below the floor or halving",
+                "entropy falls as a policy commits, and a rollback replays the same trend"),
+    "repetition": ("most completions loop on a token or n-gram", "once earlier steps did not loop"),
 }
 
 ARG_FIELDS = ("init_from", "task", "steps", "prompts_per_step", "group_size", "max_tokens", "temperature", "reward",
@@ -93,8 +93,8 @@ def add_grpo_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--guard-policy", choices=RL_POLICIES,
                    help="one response for every detector; the --on-KIND flags override it per detector")
     for kind in GUARD_KINDS:
-        g.add_argument(f"--on-{kind}", choices=RL_POLICIES,
-                       help=f"{GUARD_HELP[kind]} (default {GUARD_DEFAULTS[kind]})")
+        what, why = GUARD_HELP[kind]
+        g.add_argument(f"--on-{kind}", choices=RL_POLICIES, help=f"{what} (default {GUARD_DEFAULTS[kind]}: {why})")
 
 
 def grpo_main(args: argparse.Namespace) -> int:
