@@ -12,7 +12,11 @@ resumes in one process, a 2-process resume from a mid-run checkpoint reproduces 
 uninterrupted run bit for bit, and ``nanoseek.load`` reads the model.
 
 ``torchrun`` is started as ``python -m torch.distributed.run`` (the same launcher, from this
-interpreter), with ``--standalone`` (rendezvous on a free local port) and OMP_NUM_THREADS=1.
+interpreter), with ``--standalone`` (rendezvous on a free local port) and OMP_NUM_THREADS=1. Every
+rank's stdout and stderr also go to a log file of its own (``--log-dir``, ``--tee 3``): when a run
+fails, the assertion message quotes each rank's own output (a gloo abort's ``terminate called
+after throwing ...`` line, and the Python stacks that ``PYTHONFAULTHANDLER`` prints on SIGABRT),
+not only torchrun's summary ("exitcode: -6").
 """
 
 from __future__ import annotations
@@ -21,8 +25,10 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -56,18 +62,67 @@ def _env() -> dict:
         env.pop(key, None)
     env["OMP_NUM_THREADS"] = "1"
     env["NANOSEEK_DIST_TIMEOUT_MIN"] = "2"  # a hung collective fails the test instead of stalling it
+    env["PYTHONFAULTHANDLER"] = "1"  # a worker killed by a signal (SIGABRT, SIGSEGV) prints its threads' stacks
+    env["TORCH_SHOW_CPP_STACKTRACES"] = "1"
     return env
+
+
+def torchrun_cmd(nproc: int, log_dir: Path, *target: str) -> list[str]:
+    """``torchrun --nproc_per_node nproc TARGET...``; each rank's stdout/stderr also go to files under ``log_dir``."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+            "--log-dir", str(log_dir), "--tee", "3", *target]
+
+
+def _tail(text: str, n: int) -> str:
+    return text if len(text) <= n else "[...]" + text[-n:]
+
+
+def worker_logs(log_dir: Path, n: int = 4000) -> str:
+    """The end of every rank's own stderr and stdout (``<log_dir>/<run id>/attempt_<k>/<rank>/``)."""
+    parts = []
+    for rank_dir in sorted(p for p in log_dir.glob("*/attempt_*/*") if p.is_dir()):
+        for name in ("stderr.log", "stdout.log"):
+            path = rank_dir / name
+            text = path.read_text(errors="replace") if path.is_file() else ""
+            if text.strip():
+                parts.append(f"----- rank {rank_dir.name}, {rank_dir.parent.name}: {name} -----\n{_tail(text, n)}")
+    return "\n".join(parts) if parts else f"(no worker output under {log_dir})"
+
+
+def launch(cmd: list[str], cwd: Path, timeout: int, log_dir: Path | None = None) -> subprocess.CompletedProcess:
+    """Run ``cmd`` and fail the test unless it exits 0. The failure message holds the command, its
+    exit status, the end of its own output and, for torchrun (``log_dir``), each rank's own output.
+    On a timeout torchrun gets SIGTERM first, so that it stops its workers (they run in sessions of
+    their own) instead of leaving them behind."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=cwd)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        status = f"exit status {proc.returncode}"
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        status = f"timed out after {timeout} s (then exit status {proc.returncode})"
+    res = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    if proc.returncode != 0 or status.startswith("timed out"):
+        msg = [f"{' '.join(cmd)}\n{status}",
+               f"===== stdout =====\n{_tail(out, 3000)}", f"===== stderr =====\n{_tail(err, 3000)}"]
+        if log_dir is not None:
+            msg.append(f"===== each rank's own output ({log_dir}) =====\n{worker_logs(log_dir)}")
+        pytest.fail("\n".join(msg), pytrace=False)
+    return res
 
 
 def run(nproc: int, *args: str, timeout: int = 180) -> subprocess.CompletedProcess:
     """``nanoseek pretrain`` in one process (nproc 1) or under torchrun with ``nproc`` processes."""
     if nproc == 1:
-        cmd = [sys.executable, "-m", "nanoseek", "pretrain", *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-               "-m", "nanoseek", "pretrain", *args]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(), cwd=ROOT)
-    assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stdout[-3000:]}\n{res.stderr[-4000:]}"
+        return launch([sys.executable, "-m", "nanoseek", "pretrain", *args], ROOT, timeout)
+    log_dir = Path(tempfile.mkdtemp(prefix="nanoseek-torchrun-"))
+    res = launch(torchrun_cmd(nproc, log_dir, "-m", "nanoseek", "pretrain", *args), ROOT, timeout, log_dir)
+    shutil.rmtree(log_dir, ignore_errors=True)  # kept (and named in the message) when the run failed
     return res
 
 
@@ -175,11 +230,29 @@ def test_two_process_resume_from_a_mid_run_checkpoint_is_exact(runs):
     assert all(torch.equal(o[k], o_ref[k]) for k in o_ref)
 
 
+def test_a_failing_rank_is_quoted_in_the_failure_message(tmp_path):
+    """A worker that aborts (SIGABRT, exit -6, as gloo's loop thread does on a collective mismatch)
+    fails the run with that worker's own stderr in the message, its Python stack included."""
+    script = tmp_path / "abort.py"
+    script.write_text("import os, sys\n"
+                      "rank = os.environ['RANK']\n"
+                      "print(f'rank {rank} is up', file=sys.stderr, flush=True)\n"
+                      "if rank == '1':\n"
+                      "    print('rank 1 gives up: its own last words', file=sys.stderr, flush=True)\n"
+                      "    os.abort()\n")
+    log_dir = tmp_path / "torchrun-logs"
+    with pytest.raises(pytest.fail.Exception) as failed:
+        launch(torchrun_cmd(2, log_dir, str(script)), tmp_path, 120, log_dir)
+    msg = str(failed.value)
+    assert "each rank's own output" in msg and "----- rank 1, attempt_0: stderr.log -----" in msg
+    assert "rank 1 gives up: its own last words" in msg
+    assert "Fatal Python error: Aborted" in msg  # PYTHONFAULTHANDLER reached the worker
+    assert "exitcode" in msg and "-6" in msg  # torchrun's own summary is kept too
+
+
 def test_fsdp_helpers_against_an_unsharded_reference(tmp_path):
     """Broadcast of rank 0's init, global grad norm and clipping, summed expert load, identical
     router biases, and the check that catches a divergent buffer (see tests/dist_helpers.py)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "tests" / "dist_helpers.py")]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=_env(), cwd=tmp_path)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-4000:]
-    assert "rank 0 ok" in res.stdout and "rank 1 ok" in res.stdout
+    log_dir = tmp_path / "torchrun-logs"
+    res = launch(torchrun_cmd(2, log_dir, str(ROOT / "tests" / "dist_helpers.py")), tmp_path, 300, log_dir)
+    assert "rank 0 ok" in res.stdout and "rank 1 ok" in res.stdout, worker_logs(log_dir)
