@@ -3,8 +3,9 @@
 Checks the pieces of nanoseek.train.distributed on the tiny model against an unsharded reference
 that sees the whole global batch: rank 0's weights are broadcast before sharding, the clipped
 gradient norm is the global one, the all-reduced expert load equals the full batch's, the router
-biases stay identical after the bias update, and a divergent buffer is caught on every rank.
-Prints ``rank R ok`` on success.
+biases stay identical after the bias update, a divergent buffer is caught on every rank, and so
+is a model whose layout differs between ranks (before any collective whose size depends on it: on
+gloo that mismatch would abort the process instead of raising). Prints ``rank R ok`` on success.
 """
 
 from __future__ import annotations
@@ -69,6 +70,16 @@ def main() -> None:
         assert "differ between ranks" in str(exc)
     else:
         raise AssertionError(f"rank {rank}: a divergent router bias went unnoticed")
+
+    odd = DeepSeekV3(cfg)
+    if rank == 1:  # as if rank 1 imported another version of the model code
+        odd.register_buffer("extra", torch.zeros(3))
+    try:
+        dist.parallelize(odd, torch.device("cpu"))
+    except NanoseekError as exc:
+        assert "the ranks built different models" in str(exc), exc
+    else:
+        raise AssertionError(f"rank {rank}: models of different layouts were sharded together")
     dist.barrier()
     print(f"rank {rank} ok", flush=True)
     dist.shutdown()

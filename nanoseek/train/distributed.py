@@ -26,6 +26,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import datetime
+import hashlib
 import os
 from collections.abc import Iterable, Iterator
 
@@ -216,6 +217,27 @@ def fsdp_units(model: nn.Module) -> list[nn.Module]:
     return units
 
 
+def _check_same_model(model: nn.Module) -> None:
+    """Raise :class:`NanoseekError` on every rank unless all ranks built the same model: the same
+    parameter and buffer names, shapes and dtypes, in the same order. Collective.
+
+    The broadcasts and FSDP2 collectives that follow move tensors of these sizes; when they differ
+    between ranks (ranks started with different configs, or importing different versions of the
+    code), gloo does not raise but aborts the process from its I/O thread ("Received data size
+    doesn't match expected size", SIGABRT), and NCCL hangs. The check itself exchanges two integers
+    only, whatever the model, so it cannot mismatch.
+    """
+    layout = "\n".join(f"{name} {tuple(t.shape)} {t.dtype}"
+                       for named in (model.named_parameters(), model.named_buffers()) for name, t in named)
+    digest = int.from_bytes(hashlib.sha256(layout.encode()).digest()[:7], "big")  # < 2**56: exact in int64
+    extremes = torch.tensor([digest, -digest], dtype=torch.int64)  # CPU: gloo serves it on every backend
+    torch.distributed.all_reduce(extremes, op=torch.distributed.ReduceOp.MAX)  # [max, -min] over ranks
+    if extremes[0].item() != -extremes[1].item():
+        raise NanoseekError(f"the ranks built different models (rank {rank()} has {sum(1 for _ in model.parameters())} "
+                            f"parameters, {sum(1 for _ in model.buffers())} buffers, layout digest {digest:014x}): "
+                            f"every rank must run the same code with the same config")
+
+
 @torch.no_grad()
 def _broadcast_from_rank0(model: nn.Module) -> None:
     seen = set()
@@ -241,6 +263,7 @@ def parallelize(model: nn.Module, device: torch.device) -> nn.Module:
     fully_shard, MixedPrecisionPolicy = _fsdp()
     from torch.distributed.device_mesh import init_device_mesh
 
+    _check_same_model(model)
     _broadcast_from_rank0(model)
     mesh = init_device_mesh(device.type, (world_size(),))
     kwargs: dict = {"mesh": mesh}
