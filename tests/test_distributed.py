@@ -89,11 +89,27 @@ def worker_logs(log_dir: Path, n: int = 4000) -> str:
     return "\n".join(parts) if parts else f"(no worker output under {log_dir})"
 
 
+def _sources() -> dict[str, tuple[int, int]]:
+    """(mtime, size) of every Python file the workers may import from this checkout."""
+    seen = {}
+    for path in [*(ROOT / "nanoseek").rglob("*.py"), *(ROOT / "tests").glob("*.py")]:
+        try:
+            st = path.stat()
+        except OSError:  # removed since the listing: absent, like any file removed during the run
+            continue
+        seen[str(path.relative_to(ROOT))] = (st.st_mtime_ns, st.st_size)
+    return seen
+
+
 def launch(cmd: list[str], cwd: Path, timeout: int, log_dir: Path | None = None) -> subprocess.CompletedProcess:
     """Run ``cmd`` and fail the test unless it exits 0. The failure message holds the command, its
-    exit status, the end of its own output and, for torchrun (``log_dir``), each rank's own output.
-    On a timeout torchrun gets SIGTERM first, so that it stops its workers (they run in sessions of
-    their own) instead of leaving them behind."""
+    exit status, the end of its own output and, for torchrun (``log_dir``), each rank's own output;
+    it also names the source files that changed while the run went on (the ranks import the code
+    separately: an edit between their imports makes them run different code, and gloo aborts a
+    rank on the first collective whose sizes then differ). On a timeout torchrun gets SIGTERM
+    first, so that it stops its workers (they run in sessions of their own) instead of leaving
+    them behind."""
+    before = _sources()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=cwd)
     try:
         out, err = proc.communicate(timeout=timeout)
@@ -112,6 +128,10 @@ def launch(cmd: list[str], cwd: Path, timeout: int, log_dir: Path | None = None)
                f"===== stdout =====\n{_tail(out, 3000)}", f"===== stderr =====\n{_tail(err, 3000)}"]
         if log_dir is not None:
             msg.append(f"===== each rank's own output ({log_dir}) =====\n{worker_logs(log_dir)}")
+        after = _sources()
+        changed = sorted(name for name in before.keys() | after.keys() if before.get(name) != after.get(name))
+        if changed:
+            msg.append(f"===== changed in the checkout during the run =====\n{', '.join(changed)}")
         pytest.fail("\n".join(msg), pytrace=False)
     return res
 
