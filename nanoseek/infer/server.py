@@ -679,9 +679,9 @@ class _Server:
             return
         least = -(-size // self.max_token_bytes)
         if least >= self.max_seq_len:
-            raise APIError(400, f"This model's maximum context length is {self.max_seq_len} tokens, but the "
-                                f"{name} holds {size} bytes of text, at least {least} tokens (no token is longer "
-                                f"than {self.max_token_bytes} bytes). Please shorten the {name}.",
+            raise APIError(400, f"This model's maximum context length is {self.max_seq_len} tokens, but the text "
+                                f"of the {name} is {size} bytes, at least {least} tokens (no token is longer than "
+                                f"{self.max_token_bytes} bytes). Please shorten the {name}.",
                            param=name, code="context_length_exceeded")
 
     def check_prompt_ids(self, ids: list[int], name: str) -> None:
@@ -829,7 +829,7 @@ class _Gate:
             await send(message)
 
         allowed = self.server.allowed_hosts
-        host = _header(scope, b"host")
+        host = _header(scope, b"host")  # (none: an HTTP/1.0 client, never a browser)
         if allowed is not None and host is not None and _host_name(host) not in allowed:
             name = _host_name(host).strip("[]") or host
             error = APIError(421, f"this server does not answer to the Host {host!r} (only {', '.join(allowed)}): "
@@ -1138,6 +1138,7 @@ def create_app(engine, tokenizer, model_name: str, api_key: str | None = None, m
         server.check_model(body.model)
         _check_unsupported_chat(body)
         messages = _render_messages(body)
+
         def render_and_encode() -> tuple[str, list[int]]:
             try:  # message contents are plain text: '<|system|>' written by a user is not a system turn
                 pieces = tokenizer.chat_pieces(messages, add_generation_prompt=True)
