@@ -148,14 +148,14 @@ def test_expert_checks_need_enough_tokens():
 
 # --------------------------------------------------------------------------- policies
 def test_most_severe_action_wins():
-    guard, _ = make_guard(on_nonfinite="warn", on_grad_explosion="lr_down", on_collapse="skip")
+    guard, _ = make_guard(on_nonfinite="skip", on_grad_explosion="lr_down", on_collapse="skip")
     feed(guard, [3.0] * 12)
     load = expert_load()
     load[0, :12] = 0
     d = guard.check(12, 3.0, 100.0, load)  # grad explosion (lr_down) + collapse (skip)
     assert {i["kind"] for i in d.incidents} == {"grad_explosion", "expert_collapse"}
     assert d.action == "lr_down"
-    guard2, _ = make_guard(on_nonfinite="warn", on_spike="rollback")
+    guard2, _ = make_guard(on_nonfinite="skip", on_spike="rollback")
     feed(guard2, [3.0] * 12)
     d = guard2.check(12, 30.0, float("inf"))
     assert d.action == "rollback"
@@ -245,3 +245,15 @@ def test_loading_an_older_state_does_not_undo_rollbacks():
     guard.load_state_dict(old)  # the trainer restores the checkpoint's guard state
     with pytest.raises(NanoseekError):
         guard.note_rollback(20, 0)
+
+
+def test_nonfinite_is_never_only_warned():
+    """A NaN/inf loss or gradient applied to the weights makes them NaN (issue 13 item 5): 'warn' is refused."""
+    with pytest.raises(ConfigError, match=r"on_nonfinite.*'warn'.*skip, lr_down or rollback"):
+        GuardConfig(on_nonfinite="warn")
+    with pytest.raises(ConfigError, match="on_nonfinite"):
+        GuardConfig.from_dict({"on_nonfinite": "warn"})
+    for policy in ("skip", "lr_down", "rollback"):
+        guard, _ = make_guard(on_nonfinite=policy)
+        d = guard.check(1, float("nan"), 1.0)
+        assert d.action == policy and not d.apply_update

@@ -302,6 +302,17 @@ def test_bad_inputs_exit_2(reference, workdir, tmp_path, capsys):
     _one_line_error(capsys, "--resume", "seq_len")
 
 
+def test_on_nan_warn_is_refused(tmp_path, capsys):
+    """--on-nan warn would apply a NaN/inf update to the weights (issue 13 item 5): refused, with the reason."""
+    with pytest.raises(SystemExit) as exc:
+        main(["pretrain", "--preset", "tiny", "--data", str(tmp_path / "x.txt"), "--out", str(tmp_path / "r"),
+              "--on-nan", "warn"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--on-nan" in err and "'warn'" in err and "skip, lr_down or rollback" in err, err
+    assert not (tmp_path / "r").exists()
+
+
 def test_bad_input_subprocess_is_one_line(tmp_path):
     res = run_cli("pretrain", "--preset", "tiny", "--data", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "r"))
     assert res.returncode == 2

@@ -26,7 +26,12 @@ Detectors (each incident is one JSON line in ``incidents.jsonl`` and one console
   idle by chance).
 
 The response to each kind is a policy (``"warn"``, ``"skip"``, ``"lr_down"``, ``"rollback"``); when
-several fire in one step the most severe wins: rollback > lr_down > skip > warn > ok. A run that
+several fire in one step the most severe wins: rollback > lr_down > skip > warn > ok. A non-finite
+loss or gradient is never only warned about (applying it makes the weights NaN): ``on_nonfinite``
+must be ``skip``, ``lr_down`` or ``rollback``, and ``"warn"`` is refused with a :class:`ConfigError`.
+Weights or optimizer moments found non-finite when a checkpoint is due (they are never written,
+see :mod:`nanoseek.train.checkpoint`) are reported by :meth:`TrainingGuard.nonfinite_state` and
+always answered with a rollback. A run that
 keeps skipping (``max_consecutive_skips`` dropped updates in a row) escalates to a rollback rather
 than stalling silently; ``note_rollback`` stops the run with a :class:`NanoseekError` once more than
 ``max_rollbacks`` rollbacks were needed.
@@ -51,6 +56,7 @@ import torch
 from ..errors import ConfigError, NanoseekError
 
 POLICIES = ("warn", "skip", "rollback", "lr_down")
+NONFINITE_POLICIES = ("skip", "lr_down", "rollback")  # never "warn": the NaN update would reach the weights
 SEVERITY = {"ok": 0, "warn": 1, "skip": 2, "lr_down": 3, "rollback": 4}
 KINDS = ("nonfinite", "loss_spike", "grad_explosion", "expert_collapse", "imbalance", "rollback")
 MAD_TO_SIGMA = 1.4826  # MAD × this estimates the standard deviation of normal data
@@ -149,6 +155,10 @@ class GuardConfig:
             if value not in POLICIES:
                 raise ConfigError(f"GuardConfig.{name} = {value!r} is not a policy (choose from "
                                   f"{', '.join(POLICIES)})")
+        if self.on_nonfinite not in NONFINITE_POLICIES:
+            raise ConfigError(f"GuardConfig.on_nonfinite (--on-nan) = {self.on_nonfinite!r} is refused: it would "
+                              f"apply a NaN/inf loss or gradient to the weights and checkpoint them; choose "
+                              f"skip, lr_down or rollback")
 
         def need(name: str, ok: bool, what: str) -> None:
             if not ok:
@@ -318,6 +328,15 @@ class TrainingGuard:
         for inc in incidents:
             self._record(inc, extra=f"; lr scale now {self.lr_scale:g}" if action == "lr_down" else "")
         return Decision(action=action, incidents=incidents)
+
+    def nonfinite_state(self, step: int, count: int, detail: str) -> Decision:
+        """Report ``count`` NaN/inf values found in the weights or optimizer state at ``step`` (when a
+        checkpoint is due; ``detail`` names the tensors). Skipping cannot help once they are in the
+        state, so the answer is always a rollback to the last good checkpoint."""
+        self.consecutive_skips = 0
+        inc = self._incident(step, "nonfinite", count, 0, f"weights / optimizer state: {detail}", "rollback")
+        self._record(inc)
+        return Decision(action="rollback", incidents=[inc])
 
     def accept(self, step: int, loss: float, grad_norm: float) -> None:
         """Enter an APPLIED step into the moving windows (non-finite values are ignored)."""

@@ -36,6 +36,16 @@ def _add_training_arguments(p: argparse.ArgumentParser) -> None:
     add_bookkeeping_and_guard_arguments(p)
 
 
+def _nan_policy(value: str) -> str:
+    """``--on-nan``: a policy that keeps the NaN update out of the weights."""
+    if value == "warn":
+        raise argparse.ArgumentTypeError("'warn' is refused: a NaN/inf loss or gradient would be applied to the "
+                                         "weights; choose skip, lr_down or rollback")
+    if value not in ("skip", "rollback", "lr_down"):
+        raise argparse.ArgumentTypeError(f"invalid choice: {value!r} (choose from skip, rollback, lr_down)")
+    return value
+
+
 def add_bookkeeping_and_guard_arguments(p: argparse.ArgumentParser) -> None:
     """The checkpoint/logging/cost options and the training-guard policies every Trainer stage takes."""
     g = p.add_argument_group("bookkeeping")
@@ -50,7 +60,9 @@ def add_bookkeeping_and_guard_arguments(p: argparse.ArgumentParser) -> None:
                    help="bf16 peak TFLOP/s per device for MFU (default: 790 on H100/H200, else no MFU)")
     g = p.add_argument_group("training guard")
     policies = ("warn", "skip", "rollback", "lr_down")
-    g.add_argument("--on-nan", choices=policies, help="response to a NaN/inf loss or grad norm (default rollback)")
+    g.add_argument("--on-nan", type=_nan_policy, metavar="{skip,rollback,lr_down}",
+                   help="response to a NaN/inf loss or grad norm (default rollback). 'warn' is refused: it would "
+                        "apply the NaN update, and NaN weights are never checkpointed")
     g.add_argument("--on-spike", choices=policies, help="response to a loss spike (default skip)")
     g.add_argument("--on-grad-explosion", choices=policies, help="response to a grad-norm explosion (default skip)")
     g.add_argument("--on-collapse", choices=policies, help="response to dead experts / imbalance (default warn)")
