@@ -17,6 +17,11 @@ complete; ``*.tmp-*`` directories are leftovers of a crash and are deleted by
 :func:`latest_checkpoint`. Nothing here is unpickled: tensors come from safetensors, the rest from
 JSON.
 
+Only finite state is written: :func:`save_checkpoint` refuses weights, buffers or optimizer
+moments holding a NaN or an infinity (a :class:`CheckpointError` naming how many values in which
+tensors), and :func:`publish_final` refuses such weights too, so neither a resume nor a rollback
+nor ``final/`` can pick them up.
+
 A multi-process (FSDP2) run writes the same files: rank 0 writes the full state gathered from all
 ranks, and loading re-shards it for the current world size (:mod:`nanoseek.train.distributed`), so
 a checkpoint resumes under any number of processes.
@@ -31,9 +36,10 @@ import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import numpy as np
+import safetensors
 import safetensors.torch
 import torch
 from torch import nn
@@ -82,6 +88,55 @@ def latest_checkpoint(run_dir: str | os.PathLike, cleanup: bool = True) -> Path 
     return found[-1] if found else None
 
 
+# ----------------------------------------------------------------------------- non-finite values
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's values on this process (a DTensor's shard), in a dtype torch can sum and test."""
+    local = t.to_local() if hasattr(t, "to_local") else t
+    return local.float() if local.element_size() == 1 else local  # float8: no isfinite/sum everywhere
+
+
+def describe_nonfinite(named: Iterable[tuple[str, Any]],
+                       reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[int, str | None]:
+    """``(n, text)``: how many values of the floating tensors in ``named`` are NaN or infinite, and a
+    sentence naming the worst tensors (``None`` when all are finite). ``reduce`` sums over processes
+    (e.g. :func:`nanoseek.train.distributed.all_reduce_sum` for sharded tensors; every rank must pass
+    the same names): the call is then collective.
+
+    One pass: each tensor's float32 sum is non-finite whenever one of its values is (a NaN or an
+    infinity never leaves an IEEE sum), about 0.2 ms per MB on one CPU core; only the tensors whose
+    sum is not finite (or overflowed) are counted value by value."""
+    rows = [(name, t) for name, t in named if torch.is_tensor(t) and t.is_floating_point()]
+    if not rows:
+        return 0, None
+    device = _local(rows[0][1]).device
+    sums = torch.stack([_local(t).sum(dtype=torch.float32).to(device) for _, t in rows])
+    if reduce is not None:
+        sums = reduce(sums)
+    suspects = [i for i, ok in enumerate(torch.isfinite(sums).tolist()) if not ok]
+    if not suspects:
+        return 0, None
+    counts = torch.stack([torch.isfinite(_local(rows[i][1])).logical_not_().sum().to(device) for i in suspects])
+    if reduce is not None:
+        counts = reduce(counts)
+    bad = [(rows[i][0], n, rows[i][1].numel()) for i, n in zip(suspects, counts.tolist()) if n]
+    if not bad:  # a finite sum that overflowed float32, not a NaN
+        return 0, None
+    total = sum(n for _, n, _ in bad)
+    bad.sort(key=lambda row: -row[1])
+    shown = ", ".join(f"{name} ({n:,} of {size:,})" for name, n, size in bad[:5])
+    more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+    return total, (f"{total:,} of {sum(t.numel() for _, t in rows):,} values are NaN or infinite, in {len(bad)} "
+                   f"tensor(s): {shown}{more}")
+
+
+def _optimizer_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[int, str]:
+    """Optimizer state index (as in ``optimizer.state_dict()``) -> parameter name, where known."""
+    target = getattr(model, "_orig_mod", model)
+    by_id = {id(p): n for n, p in target.named_parameters()}
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return {i: by_id[id(p)] for i, p in enumerate(params) if id(p) in by_id}
+
+
 # ----------------------------------------------------------------------------- writing
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     safetensors.torch.save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
@@ -122,15 +177,31 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module, opt
     / ``optimizer.state_dict()`` (same layout): the full state of a sharded multi-process run, see
     :func:`nanoseek.train.distributed.full_state_dicts`.
 
-    Any ``OSError`` (ENOSPC, EIO, ...) removes the partial directory and raises
-    :class:`CheckpointError` naming the path, the error and the last good checkpoint, which is intact.
+    Refuses (:class:`CheckpointError`, nothing written, nothing pruned) when a weight, buffer or
+    optimizer moment holds a NaN or an infinity, naming how many values in which tensors. Any
+    ``OSError`` (ENOSPC, EIO, ...) removes the partial directory and raises :class:`CheckpointError`
+    naming the path, the error and the last good checkpoint, which is intact.
     """
     import nanoseek
 
     final = checkpoint_dir(run_dir, step)
+    previous = [p for p in list_checkpoints(run_dir) if p != final]
+    good = (f"the last good checkpoint {previous[-1]} is intact" if previous
+            else "no earlier checkpoint exists")
+    tensors, meta = _optimizer_files(optimizer, optimizer_state)
+    state = model_state if model_state is not None else model.state_dict()
+    index_names = _optimizer_names(model, optimizer)
+
+    def moment_name(key: str) -> str:
+        index, entry = key.split(".", 1)
+        return f"optimizer {entry} of {index_names.get(int(index), f'parameter {index}')}"
+
+    _, bad = describe_nonfinite([*state.items(), *((moment_name(k), v) for k, v in tensors.items())])
+    if bad is not None:
+        raise CheckpointError(f"refusing to write checkpoint {final}: {bad}; {good}")
+
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
-    previous = [p for p in list_checkpoints(run_dir) if p != final]
     try:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -143,7 +214,6 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module, opt
                     shutil.copyfile(src, tmp / MODEL_DIR / name)
                     fsync_path(tmp / MODEL_DIR / name)
         fsync_path(tmp / MODEL_DIR)
-        tensors, meta = _optimizer_files(optimizer, optimizer_state)
         _save_tensors(tmp / "optimizer.safetensors", tensors)
         write_json_durable(tmp / "optimizer.json", meta)
         maybe_fault("kill_in_checkpoint", step)  # TEST-ONLY: SIGKILL with half a checkpoint written
@@ -163,15 +233,16 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module, opt
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
-        good = (f"the last good checkpoint {previous[-1]} is intact" if previous
-                else "no earlier checkpoint exists")
         raise CheckpointError(f"could not write checkpoint {final}: {reason} ({exc}); {good}") from exc
     prune_checkpoints(run_dir, keep_last, keep=final)
     return final
 
 
 def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int, keep: Path | None = None) -> None:
-    """Delete all but the newest ``keep_last`` checkpoints (never the newest, never ``keep``)."""
+    """Delete all but the newest ``keep_last`` checkpoints (never the newest, never ``keep``).
+
+    :func:`save_checkpoint` prunes only after writing a checkpoint, which is finite and complete,
+    and passes it as ``keep``: pruning never leaves a run without a good checkpoint."""
     found = list_checkpoints(run_dir)
     for p in found[: max(0, len(found) - max(1, keep_last))]:
         if keep is not None and p == keep:
@@ -189,10 +260,14 @@ def read_trainer_state(path: str | os.PathLike) -> dict:
 
 
 def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> nn.Module:
-    """The checkpoint's model in its stored dtype (float32 master weights), in train mode."""
+    """The checkpoint's model in its stored dtype (float32 master weights), in train mode. Weights
+    that are NaN or infinite are refused."""
     import nanoseek
 
     model = nanoseek.load(Path(path) / MODEL_DIR, device="cpu")
+    _, bad = describe_nonfinite(model.state_dict().items())
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {path} holds non-finite weights: {bad}")
     return model.to(device).train()
 
 
@@ -266,8 +341,15 @@ FINAL_DIR = "final"
 def publish_final(run_dir: str | os.PathLike, ckpt: str | os.PathLike) -> Path:
     """Copy checkpoint ``ckpt``'s ``model/`` (config, weights, tokenizer) to ``RUN_DIR/final``: the run's
     model as one self-contained directory that ``nanoseek.load``, ``eval``, ``serve`` and the next stage
-    take. Replaced atomically (copy to ``final.tmp-<pid>``, rename), so a crash leaves the old one."""
+    take. Replaced atomically (copy to ``final.tmp-<pid>``, rename), so a crash leaves the old one.
+
+    Weights that are NaN or infinite are refused: a non-finite model is never published
+    (:class:`CheckpointError` naming the tensors; the old ``final/`` stays)."""
     run_dir = Path(run_dir)
+    for file in sorted((Path(ckpt) / MODEL_DIR).glob("*.safetensors")):
+        _, bad = describe_nonfinite(safetensors.torch.load_file(str(file)).items())
+        if bad is not None:
+            raise CheckpointError(f"refusing to publish {ckpt}: {file} holds non-finite weights: {bad}")
     final = run_dir / FINAL_DIR
     tmp = run_dir / f"{FINAL_DIR}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -18,7 +18,10 @@ One step: ``grad_accum`` micro-batches, forward under bf16 autocast where the de
 clipping (its total norm is the guard's ``grad_norm``), then the guard decides: ``ok``/``warn`` →
 AdamW step + auxiliary-loss-free bias update with γ(step); ``skip`` → drop the gradients;
 ``lr_down`` → scale the LR down (``guard.lr_scale``) and skip; ``rollback`` → reload the latest
-checkpoint and skip the offending data window.
+checkpoint and skip the offending data window. A NaN/inf loss or gradient is never applied (the
+guard refuses ``warn`` for it). When a checkpoint is due, the weights, buffers and AdamW moments are
+checked first: non-finite values are never checkpointed (nor published as ``final/``); they are a
+guard incident, answered with a rollback to the last good checkpoint.
 
 Exact resume. A checkpoint holds the float32 master weights, the router biases, the full AdamW
 state, the RNG states, the sampler position, the guard and cost states and the byte length of
@@ -49,11 +52,12 @@ from typing import Any, Callable
 
 import torch
 
-from ..errors import ConfigError, NanoseekError
+from ..errors import CheckpointError, ConfigError, NanoseekError
 from . import distributed as dist
 from .checkpoint import (
     TOKENIZER_FILES,
     checkpoint_step,
+    describe_nonfinite,
     latest_checkpoint,
     list_checkpoints,
     load_model,
@@ -494,7 +498,24 @@ class Trainer:
                 fh.truncate(min(int(state["metrics_bytes"]), self.metrics_path.stat().st_size))
         self.log(f"resumed from {self.ckpt} at step {self.step}")
 
-    def save(self) -> Path:
+    def _nonfinite_state(self) -> tuple[int, str | None]:
+        """How many values of the weights, buffers and optimizer moments are NaN or infinite (summed
+        over ranks), and which tensors hold them. Collective under FSDP2."""
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        named = list(self.model.state_dict().items())
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                state = self.optimizer.state.get(p, {})
+                named += [(f"optimizer {key} of {names.get(id(p), '?')}", state[key]) for key in sorted(state)]
+        return describe_nonfinite(named, reduce=dist.all_reduce_sum)
+
+    def save(self, check: bool = True) -> Path:
+        """Checkpoint the current step (collective). ``check``: refuse non-finite state on every rank
+        first (:class:`CheckpointError`); save_checkpoint checks again on rank 0 either way."""
+        if check:
+            _, bad = self._nonfinite_state()
+            if bad is not None:
+                raise CheckpointError(f"refusing to checkpoint step {self.step} in {self.run_dir}: {bad}")
         path = None
         model_state, optimizer_state = dist.full_state_dicts(self.model, self.optimizer)  # all ranks; None if 1 process
         if dist.is_main():
@@ -505,16 +526,22 @@ class Trainer:
         dist.barrier()
         return path
 
-    def rollback(self, bad_step: int, sampler_before: dict) -> None:
+    def rollback(self, bad_step: int, sampler_before: dict, required: bool = False) -> None:
         """Reload the latest checkpoint, then move the data stream past the offending step's window.
 
         The guard keeps its history (and counts the rollback; it raises after ``max_rollbacks``); the
         cost meter keeps counting (the wasted compute was real). Data between the checkpoint and the
         bad step is not replayed: the sampler continues ``skip_batches_after_rollback`` steps after the
         start of the bad step's window (PaLM-style skipping of the data around a spike).
+
+        ``required``: the current state is unusable (non-finite), so having no checkpoint is an
+        error rather than a skipped step.
         """
         ckpt = latest_checkpoint(self.run_dir)
         if ckpt is None:
+            if required:
+                raise NanoseekError(f"step {bad_step}: the weights or optimizer state are not finite and "
+                                    f"{self.run_dir} holds no checkpoint to roll back to")
             self.log(f"guard: step {bad_step}: rollback requested but there is no checkpoint; skipping the step")
             return
         to_step = checkpoint_step(ckpt)
@@ -658,7 +685,16 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps:
                     metrics.flush()
-                    path = self.save()
+                    n_bad, bad = self._nonfinite_state()
+                    if bad is not None:  # never checkpointed: back to the last good one, past this data
+                        self.guard.nonfinite_state(self.step, n_bad, bad)
+                        self.rollback(self.step, sampler_before, required=True)
+                        self._write(metrics, self._record(step_no, "rollback", values, lr, gamma, 0.0, None))
+                        bar.n = self.step
+                        bar.refresh()
+                        t_prev = time.perf_counter()
+                        continue
+                    path = self.save(check=False)
                     say(f"checkpoint: {path}")
                 if val is not None or self.step % cfg.checkpoint_every == 0:
                     t_prev = time.perf_counter()  # eval / checkpoint time is not step time
