@@ -1,7 +1,9 @@
-"""Durable file writes shared by checkpoint writers: fsync a path, write JSON that survives a crash."""
+"""Durable file writes shared by checkpoint writers: fsync a path, write JSON that survives a crash,
+and the content hash that checkpoint manifests record."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -28,3 +30,20 @@ def write_json_durable(path: str | os.PathLike, data: Any) -> None:
         fh.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
+
+
+_HASH_CHUNK = 8 << 20  # bytes read per call: large enough that the hash, not the calls, dominates
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's content, as hex (what ``sha256sum`` prints), read in 8 MiB chunks."""
+    digest = hashlib.sha256()
+    buf = bytearray(_HASH_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as fh:
+        while True:
+            n = fh.readinto(buf)
+            if not n:
+                break
+            digest.update(view[:n])
+    return digest.hexdigest()

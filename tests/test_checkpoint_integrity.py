@@ -1,4 +1,6 @@
-"""Checkpoint integrity (issue 13 item 5): no non-finite weights on disk or in final/.
+"""Checkpoint integrity (issue 13 items 5 and 6): no non-finite weights on disk, content hashes
+verified on load, one clear error naming a damaged file, and resume falls back to the newest
+checkpoint that verifies.
 
 The unit tests save the ``tiny`` preset directly; the end-to-end tests share one short CPU run
 (4 steps, a checkpoint every 2) and work on copies of it.
@@ -9,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -16,8 +19,18 @@ import safetensors.torch
 import torch
 
 import nanoseek
-from nanoseek.errors import CheckpointError
-from nanoseek.train.checkpoint import latest_checkpoint, list_checkpoints, publish_final, save_checkpoint
+from nanoseek.errors import CheckpointError, NanoseekError
+from nanoseek.train.checkpoint import (
+    latest_checkpoint,
+    list_checkpoints,
+    load_model,
+    publish_final,
+    read_trainer_state,
+    restore_model,
+    restore_optimizer,
+    restore_rng,
+    save_checkpoint,
+)
 from nanoseek.train.config import TrainConfig
 from nanoseek.train.optim import build_optimizer
 
@@ -37,11 +50,91 @@ def _step(root: Path, step: int) -> Path:
     return root / "checkpoints" / f"step_{step:08d}"
 
 
+def _overwrite(file: Path, offset: int, data: bytes) -> None:
+    with open(file, "r+b") as fh:
+        fh.seek(offset)
+        fh.write(data)
+
+
+def _truncate(file: Path, keep: float = 0.5) -> None:
+    size = file.stat().st_size
+    with open(file, "r+b") as fh:
+        fh.truncate(int(size * keep))
+
+
 def _all_finite(ckpt: Path) -> bool:
     weights = safetensors.torch.load_file(ckpt / "model" / "model.safetensors")
     moments = safetensors.torch.load_file(ckpt / "optimizer.safetensors")
     return all(torch.isfinite(t).all() for t in list(weights.values()) + list(moments.values())
                if t.is_floating_point())
+
+
+@pytest.fixture()
+def two_checkpoints(tmp_path):
+    model, opt = _tiny()
+    for step in (1, 2):
+        save_checkpoint(tmp_path, step, model, opt, {"note": "x"}, None, keep_last=5)
+    return tmp_path, model, opt
+
+
+# ----------------------------------------------------------------------------- item 6: damaged files
+def test_weight_file_overwritten_with_0xff_is_refused_naming_the_file(two_checkpoints):
+    root, model, _ = two_checkpoints
+    weights = _step(root, 2) / "model" / "model.safetensors"
+    _overwrite(weights, weights.stat().st_size // 2, b"\xff" * 4096)  # 1024 float32 NaNs, same size
+    with pytest.raises(CheckpointError, match=r"model[/\\]model\.safetensors"):
+        load_model(_step(root, 2))
+    with pytest.raises(CheckpointError, match=r"model[/\\]model\.safetensors"):
+        restore_model(model, _step(root, 2))
+    assert all(torch.isfinite(t).all() for t in model.state_dict().values())  # nothing copied in
+    logs = []
+    assert latest_checkpoint(root, log=logs.append) == _step(root, 1)  # falls back to the intact one
+    assert any("step_00000002" in line and "model.safetensors" in line for line in logs), logs
+
+
+@pytest.mark.parametrize("name", ["optimizer.safetensors", "optimizer.json"])
+def test_truncated_optimizer_file_is_one_clear_error(two_checkpoints, name):
+    root, model, opt = two_checkpoints
+    _truncate(_step(root, 2) / name)
+    with pytest.raises(CheckpointError, match=name.replace(".", r"\.")):
+        restore_optimizer(opt, _step(root, 2))
+    assert latest_checkpoint(root, log=lambda s: None) == _step(root, 1)
+    restore_optimizer(opt, _step(root, 1))  # the older one still loads
+
+
+@pytest.mark.parametrize("name", ["rng.safetensors", "rng.json"])
+def test_truncated_rng_file_is_one_clear_error(two_checkpoints, name):
+    root, _, _ = two_checkpoints
+    _truncate(_step(root, 2) / name)
+    with pytest.raises(CheckpointError, match=name.replace(".", r"\.")):
+        restore_rng(_step(root, 2))
+    restore_rng(_step(root, 1))
+
+
+def test_damaged_trainer_state_is_named(two_checkpoints):
+    root, _, _ = two_checkpoints
+    state = _step(root, 2) / "trainer_state.json"
+    state.write_bytes(state.read_bytes().replace(b'"step": 2', b'"step": 9'))  # valid JSON, wrong content
+    with pytest.raises(CheckpointError, match=r"trainer_state\.json"):
+        read_trainer_state(_step(root, 2))
+    (_step(root, 1) / "trainer_state.json").unlink()
+    with pytest.raises(CheckpointError, match=r"trainer_state\.json"):
+        read_trainer_state(_step(root, 1))
+    assert [p.name for p in list_checkpoints(root)] == ["step_00000001", "step_00000002"]  # still listed
+    with pytest.raises(CheckpointError, match=r"trainer_state\.json"):  # nothing intact: an error, not None
+        latest_checkpoint(root, log=lambda s: None)
+
+
+def test_publish_final_refuses_a_damaged_checkpoint(two_checkpoints):
+    root, _, _ = two_checkpoints
+    publish_final(root, _step(root, 1))
+    before = (root / "final" / "model.safetensors").read_bytes()
+    weights = _step(root, 2) / "model" / "model.safetensors"
+    _overwrite(weights, weights.stat().st_size // 2, b"\xff" * 4096)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors"):
+        publish_final(root, _step(root, 2))
+    assert (root / "final" / "model.safetensors").read_bytes() == before  # the published one stays
+    assert not list(root.glob("final.*"))
 
 
 # ----------------------------------------------------------------------------- item 5: non-finite weights
@@ -118,6 +211,55 @@ def base_run(tmp_path_factory) -> Path:
 @pytest.fixture()
 def no_report(monkeypatch):
     _no_report(monkeypatch)
+
+
+def _copy(base: Path, dst: Path) -> Path:
+    shutil.copytree(base, dst, ignore=shutil.ignore_patterns(".lock"))
+    return dst
+
+
+def _resume(run: Path, **over):
+    from nanoseek.train.pretrain import pretrain
+
+    lines: list[str] = []
+    out = pretrain(run, over, resume=True, log=lines.append)
+    return out, lines
+
+
+def test_truncated_newest_falls_back_to_the_older_verified_checkpoint(base_run, tmp_path, no_report):
+    run = _copy(base_run, tmp_path / "run")
+    _truncate(_step(run, 4) / "model" / "model.safetensors")
+    out, lines = _resume(run)
+    text = "\n".join(lines)
+    skipped = [line for line in lines if "step_00000004" in line and "model.safetensors" in line]
+    assert skipped and "truncated" in skipped[0], text
+    assert "resumed from" in text and "step_00000002" in text, text
+    assert out["step"] == 4 and _all_finite(_step(run, 4))
+    load_model(_step(run, 4))  # rewritten whole
+    assert nanoseek.load(run / "final") is not None
+
+
+def test_lost_trainer_state_of_newest_falls_back_with_a_message(base_run, tmp_path, no_report):
+    run = _copy(base_run, tmp_path / "run")
+    (_step(run, 4) / "trainer_state.json").unlink()
+    out, lines = _resume(run)
+    assert any("step_00000004" in line and "trainer_state.json" in line for line in lines), lines
+    assert any("resumed from" in line and "step_00000002" in line for line in lines), lines
+    assert out["step"] == 4
+
+
+def test_lost_trainer_state_never_restarts_from_step_0(base_run, tmp_path, no_report):
+    from nanoseek.train.pretrain import pretrain
+
+    run = _copy(base_run, tmp_path / "run")
+    for ckpt in list_checkpoints(run):
+        (ckpt / "trainer_state.json").unlink()
+    metrics = (run / "metrics.jsonl").read_bytes()
+    with pytest.raises(NanoseekError, match="--resume"):  # not "starting over there"
+        pretrain(run, dict(TRAIN, data=[str(base_run.parent / "corpus.txt")]), log=lambda s: None)
+    with pytest.raises(CheckpointError, match=r"trainer_state\.json"):
+        _resume(run)
+    assert (run / "metrics.jsonl").read_bytes() == metrics and len(list_checkpoints(run)) == 3
 
 
 def test_injected_nan_weights_are_never_checkpointed_or_published(base_run, tmp_path, monkeypatch, no_report):

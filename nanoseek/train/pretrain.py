@@ -21,7 +21,9 @@ AdamW step + auxiliary-loss-free bias update with γ(step); ``skip`` → drop th
 checkpoint and skip the offending data window. A NaN/inf loss or gradient is never applied (the
 guard refuses ``warn`` for it). When a checkpoint is due, the weights, buffers and AdamW moments are
 checked first: non-finite values are never checkpointed (nor published as ``final/``); they are a
-guard incident, answered with a rollback to the last good checkpoint.
+guard incident, answered with a rollback to the last good checkpoint. Checkpoints carry a manifest
+of content hashes: resume and rollback take the newest checkpoint that verifies, saying which newer
+ones were skipped and why (:mod:`nanoseek.train.checkpoint`).
 
 Exact resume. A checkpoint holds the float32 master weights, the router biases, the full AdamW
 state, the RNG states, the sampler position, the guard and cost states and the byte length of
@@ -56,6 +58,7 @@ from ..errors import CheckpointError, ConfigError, NanoseekError
 from . import distributed as dist
 from .checkpoint import (
     TOKENIZER_FILES,
+    checkpoint_dir,
     checkpoint_step,
     describe_nonfinite,
     latest_checkpoint,
@@ -175,7 +178,7 @@ def resolve_config(run_dir: Path, overrides: dict[str, Any], resume: bool, log: 
     cfg_path = run_dir / "train_config.json"
 
     if resume:
-        if not cfg_path.is_file() or latest_checkpoint(run_dir, cleanup=False) is None:
+        if not cfg_path.is_file() or not list_checkpoints(run_dir):  # intact or not: the Trainer picks
             raise NanoseekError(f"--resume: no checkpoint in {run_dir} to resume from "
                                 f"(run without --resume to start a new run there)")
         data = merge_resume_settings(TrainConfig.load(cfg_path).to_dict(), overrides, guard_over,
@@ -384,7 +387,7 @@ class Trainer:
         self.cfg, self.run_dir, self.log = cfg, run_dir, log
         self.device = dist.local_device(pick_device(cfg.device))  # cuda:LOCAL_RANK etc. under torchrun
         self.amp = autocast_dtype(self.device)
-        self.ckpt = latest_checkpoint(run_dir) if resume else None
+        self.ckpt = self._pick_checkpoint() if resume else None  # the newest that verifies
         state = read_trainer_state(self.ckpt) if self.ckpt is not None else None
 
         # data
@@ -409,7 +412,7 @@ class Trainer:
                 torch.manual_seed(cfg.seed)
                 model = DeepSeekV3(model_cfg)
         else:
-            model = load_model(self.ckpt, "cpu")
+            model = load_model(self.ckpt, "cpu", verify=False)  # verified by _pick_checkpoint
         from ..data import check_vocab
 
         try:
@@ -481,8 +484,8 @@ class Trainer:
             raise NanoseekError(f"{self.ckpt}: unsupported trainer state version {state.get('version')!r}")
         if state.get("tokenizer_sha256") != self.tokenizer.fingerprint:
             raise NanoseekError(f"{self.ckpt} was trained with another tokenizer than {self.tok_dir}")
-        restore_optimizer(self.optimizer, self.ckpt, model=self.model)
-        restore_rng(self.ckpt, self.device)
+        restore_optimizer(self.optimizer, self.ckpt, model=self.model, verify=False)
+        restore_rng(self.ckpt, self.device, verify=False)
         self.sampler.load_state_dict(state["sampler"])
         self.guard.load_state_dict(state["guard"])
         self.cost.load_state_dict(state["cost"])
@@ -497,6 +500,23 @@ class Trainer:
             with open(self.metrics_path, "r+b") as fh:
                 fh.truncate(min(int(state["metrics_bytes"]), self.metrics_path.stat().st_size))
         self.log(f"resumed from {self.ckpt} at step {self.step}")
+
+    def _pick_checkpoint(self) -> Path | None:
+        """The newest checkpoint that verifies (``None``: there is none at all): rank 0 reads and
+        checks the files, logging what it skips, and every rank gets its choice. Raises
+        :class:`CheckpointError` on every rank when checkpoints exist but none verifies."""
+        step, error = -1, None
+        if dist.is_main():
+            try:
+                ckpt = latest_checkpoint(self.run_dir, log=self.log)
+                step = -1 if ckpt is None else checkpoint_step(ckpt)
+            except CheckpointError as exc:
+                step, error = -2, exc
+        if dist.world_size() > 1:
+            step = int(dist.all_reduce_sum(torch.tensor([step if dist.is_main() else 0], device=self.device)).item())
+        if step == -2:
+            raise error or CheckpointError(f"no intact checkpoint in {self.run_dir} (see rank 0's output)")
+        return None if step < 0 else checkpoint_dir(self.run_dir, step)
 
     def _nonfinite_state(self) -> tuple[int, str | None]:
         """How many values of the weights, buffers and optimizer moments are NaN or infinite (summed
@@ -534,10 +554,10 @@ class Trainer:
         bad step is not replayed: the sampler continues ``skip_batches_after_rollback`` steps after the
         start of the bad step's window (PaLM-style skipping of the data around a spike).
 
-        ``required``: the current state is unusable (non-finite), so having no checkpoint is an
-        error rather than a skipped step.
+        The checkpoint is the newest that verifies. ``required``: the current state is unusable
+        (non-finite), so having no checkpoint is an error rather than a skipped step.
         """
-        ckpt = latest_checkpoint(self.run_dir)
+        ckpt = self._pick_checkpoint()
         if ckpt is None:
             if required:
                 raise NanoseekError(f"step {bad_step}: the weights or optimizer state are not finite and "
@@ -546,9 +566,9 @@ class Trainer:
             return
         to_step = checkpoint_step(ckpt)
         self.guard.note_rollback(bad_step, to_step)
-        restore_model(self.model, ckpt)
-        restore_optimizer(self.optimizer, ckpt, model=self.model)
-        restore_rng(ckpt, self.device)
+        restore_model(self.model, ckpt, verify=False)  # verified by _pick_checkpoint
+        restore_optimizer(self.optimizer, ckpt, model=self.model, verify=False)
+        restore_rng(ckpt, self.device, verify=False)
         state = read_trainer_state(ckpt)
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
         self.sampler.load_state_dict(sampler_before)
@@ -717,7 +737,9 @@ class Trainer:
                 self.log(f"report: {report}")
             except Exception as exc:  # the run itself succeeded; a report problem must not hide that
                 self.log(f"warning: could not write the report: {type(exc).__name__}: {exc}")
-        final = latest_checkpoint(self.run_dir, cleanup=False)
+        final = checkpoint_dir(self.run_dir, self.step)  # the loop checkpoints max_steps
+        if not final.is_dir():
+            final = latest_checkpoint(self.run_dir, cleanup=False, verify=False)
         final_dir = None
         if final is not None and dist.is_main():  # RUN_DIR/final: the last model, self-contained (with tokenizer)
             from .checkpoint import publish_final
