@@ -125,6 +125,21 @@ def test_damaged_trainer_state_is_named(two_checkpoints):
         latest_checkpoint(root, log=lambda s: None)
 
 
+def test_manifest_is_checked_itself(two_checkpoints):
+    root, _, _ = two_checkpoints
+    manifest = _step(root, 2) / "manifest.json"
+    data = json.loads(manifest.read_text())
+    data["files"]["../../../etc/hostname"] = {"bytes": 1, "sha256": "0" * 64}
+    manifest.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match=r"manifest\.json is malformed.*outside"):
+        restore_rng(_step(root, 2))
+    assert latest_checkpoint(root, log=lambda s: None) == _step(root, 1)
+    manifest.unlink()  # trainer_state.json says there was one: not taken for an old, unverifiable checkpoint
+    with pytest.raises(CheckpointError, match=r"manifest\.json is missing"):
+        restore_rng(_step(root, 2))
+    assert latest_checkpoint(root, log=lambda s: None) == _step(root, 1)
+
+
 def test_publish_final_refuses_a_damaged_checkpoint(two_checkpoints):
     root, _, _ = two_checkpoints
     publish_final(root, _step(root, 1))

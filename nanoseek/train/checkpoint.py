@@ -348,6 +348,9 @@ def read_manifest(path: str | os.PathLike) -> dict | None:
             or not all(isinstance(e, dict) and isinstance(e.get("bytes"), int) and isinstance(e.get("sha256"), str)
                        for e in files.values())):
         raise _damaged(path, MANIFEST, "is malformed (no file list with bytes and sha256)")
+    outside = [rel for rel in files if rel.startswith("/") or "\\" in rel or ".." in rel.split("/")]
+    if outside:
+        raise _damaged(path, MANIFEST, f"is malformed (it lists {outside[0]!r}, outside the checkpoint)")
     return manifest
 
 
