@@ -3,6 +3,7 @@
 import argparse
 import contextlib
 import io
+import random
 
 import pytest
 import torch
@@ -224,12 +225,33 @@ def test_stop_strings_cut_text_and_streaming_holds_back(model):
     assert not any(d.endswith("\ufffd") for d in deltas[:-1])
 
 
-def test_partial_stop_suffix_is_held_back(model):
-    from nanoseek.infer.engine import _partial_stop_suffix
+def reference_stop_scan(text: str, stops: list[str]) -> tuple[int | None, int]:
+    """Brute force: the earliest start of a stop in ``text``; else the longest partial stop at its end."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    if hits:
+        return min(hits), None
+    return None, max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
 
-    assert _partial_stop_suffix("hello wor", ["world", "x"]) == 3
-    assert _partial_stop_suffix("hello", ["lo!"]) == 2
-    assert _partial_stop_suffix("abc", ["zz"]) == 0
+
+def test_stop_scanner_matches_a_brute_force_scan_over_any_chunking():
+    from nanoseek.infer.engine import StopScanner
+
+    scanner = StopScanner(["world", "x"])
+    assert scanner.feed("hello wor", 0) == (None, 3)  # "wor" is held back: it may become "world"
+    assert scanner.feed("ld!", 9)[0] == 6
+    rng = random.Random(0)
+    for _ in range(300):
+        stops = ["".join(rng.choice("ab") for _ in range(rng.randint(1, 6))) for _ in range(rng.randint(1, 3))]
+        text = "".join(rng.choice("abc") for _ in range(rng.randint(0, 30)))
+        scanner, pos, got = StopScanner(stops), 0, (None, 0)
+        while pos < len(text) and got[0] is None:  # the engine stops feeding at the first hit
+            n = rng.randint(1, 4)
+            got = scanner.feed(text[pos:pos + n], pos)
+            pos += n
+        start, hold = reference_stop_scan(text[:pos], stops)
+        assert got[0] == start, (stops, text[:pos], got)
+        if start is None:
+            assert got[1] == hold, (stops, text[:pos], got)
 
 
 # ---------------------------------------------------------------------------------------- sampling

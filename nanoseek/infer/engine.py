@@ -120,7 +120,7 @@ class _Request:
         self.prompt_ids = prompt_ids
         self.params = params
         self.generator = params.make_generator()
-        self.max_stop = max((len(s) for s in params.stop), default=0)
+        self.stops = StopScanner(params.stop)
         self.slot: int | None = None
         self.output_ids: list[int] = []
         self.logprobs: list[float] = []
@@ -467,30 +467,65 @@ class Engine:
         new = self._detokenize(r, final)
         old_len = len(r.text)
         r.text += new
-        stops = r.params.stop
-        hold = 0
-        if stops:
-            search_from = max(0, old_len - r.max_stop + 1)
-            hits = [i for i in (r.text.find(s, search_from) for s in stops) if i >= 0]
-            if hits:
-                r.text = r.text[: min(hits)]
-                out = r.text[r.emitted:]
-                r.emitted = len(r.text)
-                return out, True
-            if not final:
-                hold = _partial_stop_suffix(r.text, stops)
+        hit, hold = r.stops.feed(new, old_len)
+        if hit is not None:
+            r.text = r.text[:hit]
+            out = r.text[r.emitted:]
+            r.emitted = len(r.text)
+            return out, True
+        if final:
+            hold = 0
         safe = max(r.emitted, len(r.text) - hold)
         out = r.text[r.emitted:safe]
         r.emitted = safe
         return out, False
 
 
-def _partial_stop_suffix(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest suffix of ``text`` that is a proper prefix of some stop string."""
-    best = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:k]):
-                best = k
-                break
-    return best
+class StopScanner:
+    """Finds stop strings in streamed text in time linear in its length, whatever the stops' lengths.
+
+    One Knuth–Morris–Pratt automaton per stop string (Knuth, Morris & Pratt 1977): its state is the
+    length of the longest suffix of the text so far that is a prefix of the stop, updated in amortised
+    O(1) per character, so each new token costs O(characters × stops) instead of rescanning the tail
+    and every prefix of every stop.
+    """
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = list(stops)
+        self.fallback = [_kmp_failure(stop) for stop in self.stops]
+        self.matched = [0] * len(self.stops)
+
+    def feed(self, text: str, offset: int) -> tuple[int | None, int]:
+        """Scan ``text``, which starts at character ``offset`` of the whole output.
+
+        Returns (where the earliest-starting stop string found in it starts, or None; the length of
+        the longest partial stop at the end of the output, to hold back from the client).
+        """
+        first = None
+        for j, (stop, fallback) in enumerate(zip(self.stops, self.fallback)):
+            q = self.matched[j]
+            for i, ch in enumerate(text):
+                while q and stop[q] != ch:
+                    q = fallback[q - 1]
+                if stop[q] == ch:
+                    q += 1
+                if q == len(stop):  # a later match of this stop would start later
+                    start = offset + i + 1 - len(stop)
+                    first = start if first is None else min(first, start)
+                    q = fallback[q - 1]
+                    break
+            self.matched[j] = q
+        return first, max(self.matched, default=0)
+
+
+def _kmp_failure(pattern: str) -> list[int]:
+    """``f[i]``: length of the longest proper prefix of ``pattern[:i + 1]`` that is also its suffix."""
+    f = [0] * len(pattern)
+    k = 0
+    for i in range(1, len(pattern)):
+        while k and pattern[i] != pattern[k]:
+            k = f[k - 1]
+        if pattern[i] == pattern[k]:
+            k += 1
+        f[i] = k
+    return f
