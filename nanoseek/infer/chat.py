@@ -121,7 +121,7 @@ def chat_main(args: argparse.Namespace) -> int:
 
         history.append({"role": "user", "content": text})
         rendered = tokenizer.apply_chat_template(history, add_generation_prompt=True)
-        prompt_ids = tokenizer.encode(rendered)
+        prompt_ids = tokenizer.encode_chat(history)  # what you type is text, never a special token
         room = max_seq_len - len(prompt_ids)
         if room <= 0:
             history.pop()

@@ -95,11 +95,10 @@ def generate_main(args: argparse.Namespace) -> int:
                             logprobs=False)
     model, tokenizer = load_for_inference(args.ckpt, getattr(args, "device", "auto"), getattr(args, "dtype", "auto"))
     device = next(model.parameters()).device
-    if args.chat:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
+    if args.chat:  # the prompt is a user message: text, never a special token
+        prompt_ids = tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
     else:
-        text = args.prompt
-    prompt_ids = tokenizer.encode(text)
+        prompt_ids = tokenizer.encode(args.prompt)
     max_seq_len = getattr(args, "max_seq_len", None) or len(prompt_ids) + params.max_tokens
     if args.speculative and len(model.mtp) == 0:
         raise GenerationError(f"--speculative needs MTP weights; {args.ckpt} has none")
