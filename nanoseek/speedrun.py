@@ -66,7 +66,7 @@ PRESETS: dict[str, SpeedrunPreset] = {
         sft=dict(cold_start_n=2000, max_steps=30, batch_size=16, seq_len=256, lr=3e-4, warmup_steps=3,
                  checkpoint_every=30, eval_every=30, log_every=10),
         grpo=dict(steps=50, prompts_per_step=8, group_size=8, max_tokens=110, temperature=1.0, lr=1e-4,
-                  train_layers=1, beta=0.0, checkpoint_every=50, eval_every=0),
+                  train_layers=1, beta=0.0, checkpoint_every=10, eval_every=0),
         eval_problems=500, answer_only_fraction=0.6,
         description="~3M-parameter DeepSeek-V3 (MLA, 8 routed + 1 shared experts, MTP) on 2-digit arithmetic; "
                     "about 14 minutes on 2 CPU cores"),

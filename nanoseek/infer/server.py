@@ -859,7 +859,7 @@ class _Gate:
 
         limit = self.server.max_body_bytes
         declared = _header(scope, b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
+        if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
             refusal = _too_large(f"the request body is {int(declared)} bytes", limit)
             return await refusal(scope, receive, counting_send)
         chunks, size = [], 0
@@ -894,7 +894,7 @@ def _host_name(host: str) -> str:
     if host.count(":") > 1:  # a bare IPv6 address (an --allowed-host value)
         return f"[{host}]"
     name, sep, port = host.rpartition(":")
-    host = name if sep and port.isdigit() else host
+    host = name if sep and port.isascii() and port.isdigit() else host
     return host[:-1] if host.endswith(".") else host  # 'localhost.' is 'localhost'
 
 
