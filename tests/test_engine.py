@@ -15,13 +15,7 @@ from nanoseek.model import DeepSeekV3, LatentCacheLayer, SlotLatentCache
 GREEDY = SamplingParams(temperature=0, max_tokens=8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matmuls on a shared 2-core box are far faster single-threaded.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(**changes):

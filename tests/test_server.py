@@ -29,12 +29,7 @@ MODEL = "tiny-chat"
 TIMEOUT = httpx.Timeout(60.0, connect=10.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls on a shared 2-core box are faster single-threaded
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class FlakyEngine(Engine):
@@ -58,7 +53,7 @@ def ckpt(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def stack(ckpt, _one_thread):
+def stack(ckpt, one_thread):
     """The main server: 8 slots, queue 64, API key required."""
     model = nanoseek.load(ckpt)
     tok = load_tokenizer(ckpt)

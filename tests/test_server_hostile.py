@@ -30,12 +30,7 @@ LOOP_THREAD = "uvicorn-test"  # live_server runs uvicorn, hence the event loop, 
 MIB = 1 << 20
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class RecordingTokenizer(NanoTokenizer):
@@ -72,7 +67,7 @@ def ckpt(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def srv(ckpt, _one_thread):
+def srv(ckpt, one_thread):
     """2 slots + queue 1 (capacity 3), no API key, the default body limit."""
     model = nanoseek.load(ckpt)
     tok = RecordingTokenizer(load_tokenizer(ckpt))

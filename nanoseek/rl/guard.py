@@ -187,6 +187,16 @@ class RLGuardConfig:
 
 
 # --------------------------------------------------------------------------- series helpers
+def _least_squares_line(values: Sequence[float]) -> tuple[float, float, float, float]:
+    """(slope, mean of x, mean of y, Σ(x − mean x)²) of the least-squares line through ``(i, values[i])``."""
+    n = len(values)
+    mean_x = (n - 1) / 2
+    mean_y = sum(values) / n
+    sxx = sum((i - mean_x) ** 2 for i in range(n))
+    slope = sum((i - mean_x) * (v - mean_y) for i, v in enumerate(values)) / sxx
+    return slope, mean_x, mean_y, sxx
+
+
 def fitted_change(values: Sequence[float]) -> float:
     """Change over the series predicted by its least-squares line: slope × (n − 1) (0 for n < 2).
 
@@ -194,11 +204,7 @@ def fitted_change(values: Sequence[float]) -> float:
     n = len(values)
     if n < 2:
         return 0.0
-    mean_x = (n - 1) / 2
-    mean_y = sum(values) / n
-    sxx = sum((i - mean_x) ** 2 for i in range(n))
-    sxy = sum((i - mean_x) * (v - mean_y) for i, v in enumerate(values))
-    return sxy / sxx * (n - 1)
+    return _least_squares_line(values)[0] * (n - 1)
 
 
 def trend_t(values: Sequence[float]) -> float:
@@ -208,10 +214,7 @@ def trend_t(values: Sequence[float]) -> float:
     n = len(values)
     if n < 3:
         return 0.0
-    mean_x = (n - 1) / 2
-    mean_y = sum(values) / n
-    sxx = sum((i - mean_x) ** 2 for i in range(n))
-    slope = sum((i - mean_x) * (v - mean_y) for i, v in enumerate(values)) / sxx
+    slope, mean_x, mean_y, sxx = _least_squares_line(values)
     rss = sum((v - mean_y - slope * (i - mean_x)) ** 2 for i, v in enumerate(values))
     se = math.sqrt(rss / (n - 2) / sxx)
     scale = max(abs(v) for v in values) or 1.0
