@@ -11,8 +11,9 @@ The MTP modules are left out by default (transformers has none); ``--mtp`` keeps
 and its FLOPs then count them.
 
 Reported per implementation: tokens/s (batch × seq over the MEDIAN timed step), TFLOP/s
-(tokens/s × FLOPs/token of DESIGN.md: 6 × matmul parameters touched per token, LM head in,
-embedding out, + 6·L·H·T·(qk_head_dim + v_head_dim) attention over the full square), MFU against
+(tokens/s × FLOPs/token of ``nanoseek.info.training_flops_per_token``, the PaLM / nanoGPT
+convention: 6 × matmul parameters touched per token, LM head in, embedding out,
++ 6·L·H·T·(qk_head_dim + v_head_dim) attention over the full square), MFU against
 ``--peak-tflops`` (default: measured here, a bf16 8192³ matmul on accelerators, a float32 4096³ one
 on the CPU, the dtype the benchmark computes in), peak memory (``torch.cuda.max_memory_allocated`` on
 CUDA, sampled process RSS elsewhere) and the ratio to transformers' tokens/s.

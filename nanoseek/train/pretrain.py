@@ -76,7 +76,8 @@ from .optim import bias_speed_at, build_optimizer, lr_at, mtp_weight_at
 
 STAGE = "pretrain"
 STATE_VERSION = 1
-KNOWN_PEAK_TFLOPS = {"H100": 790.0, "H200": 790.0}  # bf16 dense matmul as measured (DESIGN.md)
+# bf16 dense 8192³ matmul as measured on one H100 SXM, 2026-11-23 (benchmarks/RESULTS.md)
+KNOWN_PEAK_TFLOPS = {"H100": 790.0, "H200": 790.0}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -436,7 +437,8 @@ class Trainer:
         self.guard = TrainingGuard(cfg.guard, run_dir / "incidents.jsonl" if dist.is_main() else None, log=log)
         self.cost = CostMeter(run_dir, self.stage, self.device, n_devices=dist.world_size(),
                               price_per_device_hour=cfg.price_per_device_hour)
-        # MFU numerator of DESIGN.md; the MTP modules are trained too, so their FLOPs count
+        # MFU numerator (PaLM / nanoGPT convention, see training_flops_per_token); the MTP modules are
+        # trained too, so their FLOPs count
         self.flops_per_token = training_flops_per_token(model.config, cfg.seq_len, include_mtp=True)
         self.peak_tflops = cfg.peak_tflops if cfg.peak_tflops is not None else default_peak_tflops(self.device)
         self.tokens_per_step = cfg.tokens_per_step * dist.world_size()
