@@ -4,6 +4,7 @@ Public entry points::
 
     import nanoseek
     model = nanoseek.load("path/to/checkpoint")          # config.json + *.safetensors
+    model, tok = nanoseek.load_with_tokenizer("ckpt")     # the same, with its tokenizer
     nanoseek.save(model, "out/dir", max_shard_size="2GB") # loads in transformers too
     cfg = nanoseek.get_preset("small"); m = nanoseek.DeepSeekV3(cfg)
 """
@@ -12,7 +13,7 @@ from .config import ModelConfig, get_preset
 from .errors import CheckpointError, ConfigError, NanoseekError
 
 __version__ = "0.1.0"
-__all__ = ["DeepSeekV3", "ModelConfig", "get_preset", "load", "save", "pick_device",
+__all__ = ["DeepSeekV3", "ModelConfig", "get_preset", "load", "load_with_tokenizer", "save", "pick_device",
            "NanoseekError", "ConfigError", "CheckpointError"]
 
 
@@ -21,7 +22,7 @@ def __getattr__(name: str):
     if name == "DeepSeekV3":
         from .model import DeepSeekV3
         return DeepSeekV3
-    if name in ("load", "save"):
+    if name in ("load", "load_with_tokenizer", "save"):
         from . import hf
         return getattr(hf, name)
     if name == "pick_device":

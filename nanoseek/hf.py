@@ -39,6 +39,9 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from .data.tokenizer import load_tokenizer
+from .device import pick_device
+
 from .config import ModelConfig
 from .errors import CheckpointError
 from .fsutil import fsync_path, write_json_durable
@@ -686,3 +689,12 @@ def _swap_into_place(tmp: Path, target: Path) -> None:
     fsync_path(parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def load_with_tokenizer(path: str | os.PathLike, device: str | torch.device | None = "auto",
+                        dtype: str | torch.dtype | None = "auto") -> tuple[nn.Module, Any]:
+    """A checkpoint directory's model (eval mode, on ``device`` as :func:`~nanoseek.device.pick_device`
+    resolves it) and its tokenizer: ``(model, tokenizer)``. ``dtype`` "auto" keeps the checkpoint's."""
+    where = device if isinstance(device, torch.device) else pick_device(device)
+    model = load(path, device=where, dtype=None if dtype == "auto" else dtype)
+    return model, load_tokenizer(path)

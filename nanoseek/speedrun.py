@@ -168,7 +168,7 @@ def run_speedrun(out: str | Path, preset: str = "cpu", seed: int = 0, device: st
     ``answer_only_fraction`` replaces the preset's :attr:`SpeedrunPreset.answer_only_fraction`."""
     from .config import get_preset
     from .device import device_name, pick_device
-    from .infer.cli import load_for_inference
+    from .hf import load_with_tokenizer
     from .infer.engine import Engine
     from .rl.grpo import grpo
     from .report import write_report
@@ -206,7 +206,7 @@ def run_speedrun(out: str | Path, preset: str = "cpu", seed: int = 0, device: st
 
     def held_out(stage: str, ckpt: Path, prompt_fn) -> dict:
         t0 = time.perf_counter()
-        model, tokenizer = load_for_inference(str(ckpt), device)
+        model, tokenizer = load_with_tokenizer(str(ckpt), device)
         engine = Engine(model, tokenizer, max_slots=64, max_seq_len=512 + p.eval_max_tokens)
         result = evaluate(engine, tokenizer, p.task, n_problems=p.eval_problems, difficulty=p.difficulty,
                           max_tokens=p.eval_max_tokens, seed=seed, prompt_fn=prompt_fn).to_dict()

@@ -10,7 +10,7 @@ import nanoseek
 from nanoseek.cli import main
 from nanoseek.data.tokenizer import padded_vocab_size, train_tokenizer
 from nanoseek.errors import NanoseekError
-from nanoseek.infer.cli import load_for_inference
+from nanoseek import load_with_tokenizer
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.sampling import SamplingParams
 from nanoseek.rl import cli as rl_cli
@@ -85,7 +85,7 @@ def records(run_dir):
 # ------------------------------------------------------------------------------ log-probs
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_engine_logprobs_equal_trainer_recomputed(init_ckpt, temperature):
-    model, tok = load_for_inference(str(init_ckpt), "cpu", "float32")
+    model, tok = load_with_tokenizer(str(init_ckpt), "cpu", "float32")
     engine = Engine(model, tok, max_slots=8, max_seq_len=160)
     problems = get_task("arithmetic").generate(3, 3, 1)
     prompt_ids = [tok.encode(chat_prompt(tok, p)) for p in problems]
@@ -132,7 +132,7 @@ def test_grpo_raises_reward_on_a_learnable_task_and_logs_everything(init_ckpt, t
     assert cost["samples"] == 20 * 32 and cost["tokens"] > 0
     assert summary["step"] == 20 and (run / "final" / "model.safetensors").is_file()
     assert (run / "final" / "tokenizer.json").is_file()
-    final, _ = load_for_inference(str(run / "final"), "cpu", "float32")  # self-contained
+    final, _ = load_with_tokenizer(str(run / "final"), "cpu", "float32")  # self-contained
     assert final.config.vocab_size == nanoseek.ModelConfig.from_json(init_ckpt / "config.json").vocab_size
     state = json.loads((run / "checkpoints" / "step_00000020" / "trainer_state.json").read_text())
     assert {"step", "batch", "guard", "cost", "grpo_config", "metrics_bytes"} <= set(state)
@@ -605,7 +605,7 @@ def test_final_is_published_from_the_last_checkpoint(init_ckpt, tmp_path, monkey
     assert published == [last] and summary["final"] == run / "final"
     assert sorted(p.name for p in (run / "final").iterdir()) == sorted(p.name for p in (last / "model").iterdir())
     assert (run / "final" / "tokenizer.json").read_bytes() == (init_ckpt / "tokenizer.json").read_bytes()
-    model, tok = load_for_inference(str(run / "final"), "cpu", "float32")  # self-contained, with the tokenizer
+    model, tok = load_with_tokenizer(str(run / "final"), "cpu", "float32")  # self-contained, with the tokenizer
     assert tok.vocab_size < model.config.vocab_size
     final = nanoseek.load(run / "final").state_dict()
     step = nanoseek.load(last / "model").state_dict()

@@ -66,7 +66,7 @@ class _Printer:
 
 def chat_main(args: argparse.Namespace) -> int:
     from ..errors import NanoseekError
-    from .cli import load_for_inference
+    from ..hf import load_with_tokenizer
     from .engine import Engine
     from .sampling import SamplingParams
 
@@ -75,7 +75,7 @@ def chat_main(args: argparse.Namespace) -> int:
     color = out.isatty()
     if args.max_tokens <= 0:
         raise NanoseekError(f"--max-tokens must be positive, got {args.max_tokens}")
-    model, tokenizer = load_for_inference(args.ckpt, getattr(args, "device", "auto"), getattr(args, "dtype", "auto"))
+    model, tokenizer = load_with_tokenizer(args.ckpt, getattr(args, "device", "auto"), getattr(args, "dtype", "auto"))
     device = next(model.parameters()).device
     max_seq_len = args.max_seq_len or min(model.config.max_position_embeddings, 8192)
     engine = Engine(model, tokenizer, max_slots=1, max_seq_len=max_seq_len)

@@ -1,6 +1,5 @@
-"""The inference commands' arguments (generate, serve, chat), the shared checkpoint loader, and
-``nanoseek generate``. Importing this module stays light (no torch, no FastAPI) so that building
-the CLI parser is fast; handlers import what they need when they run."""
+"""The inference commands' arguments (generate, serve, chat) and ``nanoseek generate``. Importing
+this module stays light (no torch, no FastAPI) so that building the CLI parser is fast; handlers import what they need when they run."""
 
 from __future__ import annotations
 
@@ -73,27 +72,15 @@ def add_chat_arguments(p: argparse.ArgumentParser) -> None:
                    help="weights and cache dtype (default: the checkpoint's)")
 
 
-def load_for_inference(ckpt: str, device: str | None = "auto", dtype: str | None = "auto"):
-    """A checkpoint directory's model (eval mode) and tokenizer on the chosen device: (model, tokenizer)."""
-    import torch
-
-    import nanoseek
-    from ..data.tokenizer import load_tokenizer
-    from ..device import pick_device
-
-    torch_dtype = None if dtype in (None, "auto") else getattr(torch, dtype)
-    model = nanoseek.load(ckpt, device=pick_device(device), dtype=torch_dtype)
-    return model, load_tokenizer(ckpt)
-
-
 def generate_main(args: argparse.Namespace) -> int:
+    from ..hf import load_with_tokenizer
     from .engine import Engine
     from .sampling import GenerationError, SamplingParams
 
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             max_tokens=args.max_tokens, seed=args.seed, stop=list(getattr(args, "stop", []) or []),
                             logprobs=False)
-    model, tokenizer = load_for_inference(args.ckpt, getattr(args, "device", "auto"), getattr(args, "dtype", "auto"))
+    model, tokenizer = load_with_tokenizer(args.ckpt, getattr(args, "device", "auto"), getattr(args, "dtype", "auto"))
     device = next(model.parameters()).device
     if args.chat:  # the prompt is a user message: text, never a special token
         prompt_ids = tokenizer.encode_chat([{"role": "user", "content": args.prompt}])

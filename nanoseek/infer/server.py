@@ -1274,7 +1274,7 @@ def serve_main(args: argparse.Namespace) -> int:
     import uvicorn
 
     from ..errors import NanoseekError
-    from .cli import load_for_inference
+    from ..hf import load_with_tokenizer
     from .engine import Engine
 
     api_key = getattr(args, "api_key", None) or os.environ.get("NANOSEEK_API_KEY") or None
@@ -1282,7 +1282,7 @@ def serve_main(args: argparse.Namespace) -> int:
     if not _is_loopback(host) and not api_key:
         log.warning("serving on %s without an API key: anyone who can reach this address can use it", host)
     print(f"nanoseek serve: loading {args.ckpt}", flush=True)
-    model, tokenizer = load_for_inference(args.ckpt, getattr(args, "device", "auto"), getattr(args, "dtype", "auto"))
+    model, tokenizer = load_with_tokenizer(args.ckpt, getattr(args, "device", "auto"), getattr(args, "dtype", "auto"))
     cfg = model.config
     max_seq_len = getattr(args, "max_seq_len", None) or min(cfg.max_position_embeddings, 8192)
     if max_seq_len > cfg.max_position_embeddings:

@@ -483,7 +483,7 @@ class GRPOTrainer:
     def __init__(self, cfg: GRPORunConfig, run_dir: Path, resume: bool, log: Callable = print):
         from ..data.tokenizer import check_vocab, load_tokenizer
         from ..device import device_name, pick_device
-        from ..infer.cli import load_for_inference
+        from ..hf import load_with_tokenizer
         from ..infer.engine import Engine
         from ..tasks import get_reward, get_task
         from ..train.checkpoint import TOKENIZER_FILES, latest_checkpoint, load_model, read_trainer_state
@@ -509,7 +509,7 @@ class GRPOTrainer:
                     shutil.copyfile(src, tmp / name)
             shutil.rmtree(self.tok_dir, ignore_errors=True)
             os.replace(tmp, self.tok_dir)
-            model, _ = load_for_inference(cfg.init_from, str(self.device), "float32")
+            model, _ = load_with_tokenizer(cfg.init_from, str(self.device), "float32")
         else:
             model = load_model(self.ckpt, self.device)
         self.tokenizer = load_tokenizer(self.tok_dir)
@@ -525,7 +525,7 @@ class GRPOTrainer:
             else:
                 if not (Path(cfg.init_from) / "config.json").is_file():
                     raise NanoseekError(f"cannot resume: the reference policy {cfg.init_from} (init_from) is gone")
-                ref, _ = load_for_inference(cfg.init_from, str(self.device), "float32")
+                ref, _ = load_with_tokenizer(cfg.init_from, str(self.device), "float32")
             self.ref_model = ref.eval().requires_grad_(False)
         try:
             self.n_trainable = train_top_layers(self.model, cfg.train_layers)

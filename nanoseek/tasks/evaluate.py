@@ -157,10 +157,10 @@ def eval_main(args) -> int:
     import json
     from pathlib import Path
 
-    from ..infer.cli import load_for_inference
+    from ..hf import load_with_tokenizer
     from ..infer.engine import Engine
 
-    model, tokenizer = load_for_inference(args.ckpt, args.device)
+    model, tokenizer = load_with_tokenizer(args.ckpt, args.device)
     temperature = args.temperature if args.temperature is not None else (0.0 if args.samples == 1 else 1.0)
     engine = Engine(model, tokenizer, max_slots=args.max_slots)
     result = evaluate(engine, tokenizer, args.task, n_problems=args.n, difficulty=args.difficulty,

@@ -126,7 +126,7 @@ def rejection_sample(run_dir: Path, teacher: str, task_spec: str, prompts: int, 
     import torch
 
     from ..device import pick_device
-    from ..infer.cli import load_for_inference
+    from ..hf import load_with_tokenizer
     from ..infer.engine import Engine
     from ..tasks.coldstart import parse_task_spec, write_jsonl
     from ..tasks.evaluate import EVAL_SEED_BASE
@@ -144,7 +144,7 @@ def rejection_sample(run_dir: Path, teacher: str, task_spec: str, prompts: int, 
     meter = CostMeter(run_dir, "distill_sampling", dev, price_per_device_hour=price_per_device_hour)
     meter.start()
     try:
-        model, tokenizer = load_for_inference(teacher, device)
+        model, tokenizer = load_with_tokenizer(teacher, device)
         from ..tasks.evaluate import chat_prompt
 
         longest = max(len(tokenizer.encode(chat_prompt(tokenizer, p))) for p in problems)
