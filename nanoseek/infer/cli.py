@@ -1,5 +1,6 @@
 """The inference commands' arguments (generate, serve, chat) and ``nanoseek generate``. Importing
-this module stays light (no torch, no FastAPI) so that building the CLI parser is fast; handlers import what they need when they run."""
+this module stays light (no torch, no FastAPI) so that building the CLI parser is fast;
+handlers import what they need when they run."""
 
 from __future__ import annotations
 
