@@ -217,14 +217,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_pretrain_parser(sub)
     from .infer.cli import add_chat_arguments, add_generate_arguments, add_serve_arguments
-    from .tasks.evaluate import add_eval_arguments
+    from .tasks.cli import add_eval_arguments
 
     p = sub.add_parser("generate", help="generate text from a checkpoint (streams to stdout)")
     add_generate_arguments(p)
     p.set_defaults(handler=_lazy_handler("infer.cli", "generate_main"))
     p = sub.add_parser("eval", help="held-out accuracy, pass@k, maj@k, length and format rate on a task")
     add_eval_arguments(p)
-    p.set_defaults(handler=_lazy_handler("tasks.evaluate", "eval_main"))
+    p.set_defaults(handler=_lazy_handler("tasks.cli", "eval_main"))
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a web chat page")
     add_serve_arguments(p)
     p.set_defaults(handler=_lazy_handler("infer.server", "serve_main"))

@@ -1,9 +1,12 @@
 """Evaluation metrics against direct counts, and one real run through the shared engine."""
 
+import json
+
 import pytest
 import torch
 
 import nanoseek
+from nanoseek.cli import main
 from nanoseek.data.tokenizer import padded_vocab_size, train_tokenizer
 from nanoseek.infer.engine import Engine
 from nanoseek.tasks import get_task
@@ -72,3 +75,23 @@ def test_evaluate_through_the_engine_counts_what_it_returns():
     again = evaluate(engine, tok, "arithmetic", n_problems=3, samples=2, k=2, temperature=1.0,
                      max_tokens=8, seed=1)
     assert [p.completions for p in again.problems] == [p.completions for p in result.problems]
+
+
+def test_eval_command_takes_the_difficulty_in_the_task_spec(tmp_path, capsys):
+    texts = [f"{a} + {b} = {a + b}" for a in range(30) for b in range(5)]
+    ckpt = tmp_path / "ckpt"
+    tok = train_tokenizer(iter(texts), vocab_size=300, out_dir=tmp_path / "tok")
+    cfg = nanoseek.get_preset("tiny").replace(vocab_size=padded_vocab_size(tok.vocab_size),
+                                             max_position_embeddings=512)
+    torch.manual_seed(0)
+    nanoseek.save(nanoseek.DeepSeekV3(cfg), ckpt)
+    for f in (tmp_path / "tok").iterdir():
+        (ckpt / f.name).write_bytes(f.read_bytes())
+    base = ["eval", "--ckpt", str(ckpt), "--n", "2", "--max-tokens", "4", "--device", "cpu"]
+    assert main([*base, "--task", "arithmetic:2"]) == 0
+    assert json.loads(capsys.readouterr().out)["difficulty"] == 2
+    assert main([*base, "--task", "arithmetic", "--difficulty", "3"]) == 0
+    assert json.loads(capsys.readouterr().out)["difficulty"] == 3
+    assert main([*base, "--task", "arithmetic:2", "--difficulty", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "arithmetic:2" in err and "--difficulty 3" in err

@@ -13,6 +13,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
+from ..infer.sampling import SamplingParams
 from .base import Problem, Task, Verdict, chat_messages, format_ok, parse_answer
 from .registry import get_task
 
@@ -118,8 +119,6 @@ def evaluate(engine, tokenizer, task: Task | str, n_problems: int = 200, difficu
     ``samples >= k`` and a temperature > 0. ``prompt_fn(tokenizer, problem) -> str`` builds the prompt
     (default: the chat form; a base model is asked in its pretraining format instead).
     """
-    from ..infer.sampling import SamplingParams  # the engine's own parameter type
-
     task = get_task(task) if isinstance(task, str) else task
     if samples < k:
         raise ValueError(f"samples ({samples}) must be >= k ({k})")
@@ -135,38 +134,3 @@ def evaluate(engine, tokenizer, task: Task | str, n_problems: int = 200, difficu
     texts = [[outs[i * samples + j].text for j in range(samples)] for i in range(len(problems))]
     lens = [[len(outs[i * samples + j].token_ids) for j in range(samples)] for i in range(len(problems))]
     return score(task, problems, texts, lens, k, difficulty, seed)
-
-
-def add_eval_arguments(p) -> None:
-    p.add_argument("--task", required=True, help="arithmetic, countdown, linear, or a registered task")
-    p.add_argument("--ckpt", required=True, help="checkpoint directory (model + tokenizer)")
-    p.add_argument("--n", type=int, default=200, help="held-out problems (default 200)")
-    p.add_argument("--difficulty", type=int, default=1)
-    p.add_argument("--samples", type=int, default=1, help="samples per problem (default 1: greedy)")
-    p.add_argument("--k", type=int, default=1, help="k of pass@k and maj@k (<= --samples)")
-    p.add_argument("--temperature", type=float, default=None, help="default 0 for one sample, else 1.0")
-    p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0, help="held-out seed (problems and sampling)")
-    p.add_argument("--max-slots", type=int, default=32, help="requests decoded together")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", default=None, help="also write the JSON (with per-problem records) here")
-
-
-def eval_main(args) -> int:
-    """``nanoseek eval``: held-out accuracy, pass@k, maj@k, mean length and format rate as JSON."""
-    import json
-    from pathlib import Path
-
-    from ..hf import load_with_tokenizer
-    from ..infer.engine import Engine
-
-    model, tokenizer = load_with_tokenizer(args.ckpt, args.device)
-    temperature = args.temperature if args.temperature is not None else (0.0 if args.samples == 1 else 1.0)
-    engine = Engine(model, tokenizer, max_slots=args.max_slots)
-    result = evaluate(engine, tokenizer, args.task, n_problems=args.n, difficulty=args.difficulty,
-                      samples=args.samples, k=args.k, temperature=temperature,
-                      max_tokens=args.max_tokens, seed=args.seed)
-    print(json.dumps(result.to_dict(), indent=2))
-    if args.out:
-        Path(args.out).write_text(json.dumps(result.to_dict(with_problems=True), indent=2) + "\n")
-    return 0
