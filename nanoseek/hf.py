@@ -39,12 +39,13 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from .config import ModelConfig
 from .data.tokenizer import load_tokenizer
 from .device import pick_device
-
-from .config import ModelConfig
 from .errors import CheckpointError
+from .fp8 import dequantize_weight_blockwise
 from .fsutil import fsync_path, write_json_durable
+from .model import DeepSeekV3
 
 __all__ = ["load", "save", "parse_size"]
 
@@ -225,8 +226,6 @@ def _checkpoint_dtype(cfg: ModelConfig, config_path: Path) -> torch.dtype:
 
 # =============================================================================== load
 def _dequantize(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], key: str) -> torch.Tensor:
-    from .fp8 import dequantize_weight_blockwise
-
     try:
         if q.dim() == 2:
             return dequantize_weight_blockwise(q, scale_inv, block=block, dtype=torch.float32)
@@ -288,8 +287,6 @@ def _peek_mtp_layers(keys: list[str], n_layers: int) -> set[int]:
 
 def _build_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """Build on the meta device, cast, materialise on ``device`` (values are garbage until loaded)."""
-    from .model import DeepSeekV3
-
     can_reinit = any(hasattr(DeepSeekV3, n) for n in ("init_non_persistent_buffers", "reset_buffers"))
     if can_reinit:
         with torch.device("meta"):

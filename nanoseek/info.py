@@ -15,7 +15,10 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from .config import ModelConfig
+from .model import DeepSeekV3
 
 FP8_BLOCK = 128  # weights are quantised per 128×128 block (V3 report §3.3.2)
 SCALE_BYTES = 4  # one float32 scale (``weight_scale_inv``) per block
@@ -81,10 +84,6 @@ def _fp8_bytes(p: _Param) -> int:
 
 
 def _build_meta(config: ModelConfig):
-    import torch
-
-    from .model import DeepSeekV3
-
     with torch.device("meta"):
         return DeepSeekV3(config)
 

@@ -47,8 +47,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
+import safetensors.numpy
 import torch
 
+from ..fsutil import fsync_path, write_json_durable
 from .sources import DataError
 
 IGNORE_INDEX = -100
@@ -327,10 +329,6 @@ def build_sft_data(paths: Sequence[str | os.PathLike], tokenizer, seq_len: int, 
             "distinct_conversations": len(set(hashes)), "splits": meta_splits}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    import safetensors.numpy
-
-    from ..fsutil import fsync_path, write_json_durable
-
     tmp = out / f"{DATA_FILE}.tmp-{os.getpid()}"
     safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp))
     fsync_path(tmp)
@@ -363,8 +361,6 @@ def load_sft_data(data_dir: str | os.PathLike, seq_len: int | None = None,
                   tokenizer=None) -> tuple[SFTDataset, SFTDataset | None, dict[str, Any]]:
     """``(train, val or None, meta)`` from a directory written by :func:`build_sft_data`, checked
     against ``seq_len`` and the tokenizer when given."""
-    import safetensors.numpy
-
     meta = read_sft_meta(data_dir)
     if seq_len is not None and meta["seq_len"] != seq_len:
         raise DataError(f"{data_dir}: the SFT data was packed for seq_len={meta['seq_len']}, not {seq_len}")

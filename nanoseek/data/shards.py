@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from tokenizers import Tokenizer
 
 from nanoseek.data.sources import (
     DataError,
@@ -341,8 +342,6 @@ def build_shards(
 
     dtype = token_dtype(tokenizer.vocab_size)
     eos_id = tokenizer.eos_id
-    from tokenizers import Tokenizer
-
     encoder = Tokenizer.from_str(tokenizer.backend.to_str())
     encoder.encode_special_tokens = True
     threshold = min(int(val_fraction * _HASH_SPACE), _HASH_SPACE)

@@ -50,6 +50,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence, Union
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from nanoseek.errors import NanoseekError
 
 log = logging.getLogger(__name__)
@@ -256,11 +259,6 @@ def _iter_jsonl(path: Path, stats: SourceStats, strict: bool, field: str) -> Ite
 
 
 def _iter_parquet(path: Path, stats: SourceStats, strict: bool, column: str) -> Iterator[str]:
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise DataError(f"reading {path} needs pyarrow: pip install pyarrow") from err
     try:
         parquet = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as err:

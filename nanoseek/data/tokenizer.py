@@ -49,6 +49,10 @@ import secrets
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
 from nanoseek.data.sources import DataError, iter_documents, SourceStats
 
 log = logging.getLogger(__name__)
@@ -80,8 +84,6 @@ SPECIAL_MAP_FILE = "special_tokens_map.json"
 
 
 def _raise_template_error(message: str) -> None:
-    import jinja2
-
     raise jinja2.exceptions.TemplateError(message)
 
 
@@ -193,8 +195,6 @@ class NanoTokenizer:
         if allow_special:
             return self._tok
         if self._plain is None:
-            from tokenizers import Tokenizer
-
             plain = Tokenizer.from_str(self._tok.to_str())
             plain.encode_special_tokens = True
             self._plain = plain
@@ -252,11 +252,6 @@ class NanoTokenizer:
         if self.chat_template == CHAT_TEMPLATE:
             return render_default_chat(messages, add_generation_prompt)
         if self._compiled_template is None:
-            try:
-                from jinja2.sandbox import ImmutableSandboxedEnvironment
-            except ImportError as err:
-                raise ImportError("a custom chat template needs jinja2: pip install jinja2") from err
-
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
             env.globals["raise_exception"] = _raise_template_error
             self._compiled_template = env.from_string(self.chat_template)
@@ -380,8 +375,6 @@ class NanoTokenizer:
 
 def load_tokenizer(directory: str | os.PathLike) -> NanoTokenizer:
     """Load a tokenizer directory written by :meth:`NanoTokenizer.save` (or ``save_pretrained``)."""
-    from tokenizers import Tokenizer
-
     root = Path(directory)
     path = root / TOKENIZER_FILE
     if not path.is_file():
@@ -453,8 +446,6 @@ def train_tokenizer(
     by digit as in LLaMA's tokenizer: arithmetic is then learnable column by column instead of
     over thousands of arbitrary multi-digit tokens.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     if vocab_size < MIN_VOCAB_SIZE:
         raise ValueError(
             f"vocab_size={vocab_size} is too small: byte-level BPE needs {BYTE_ALPHABET_SIZE} byte "
