@@ -95,7 +95,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from ..errors import ConfigError, NanoseekError
-from ..train.guard import SEVERITY, Decision, GuardConfig, RobustWindow, TrainingGuard, _fmt
+from ..train.guard import SEVERITY, Decision, RobustWindow
+from ..train.incidents import IncidentLog, short_number
 
 RL_POLICIES = ("warn", "rollback")
 RL_KINDS = ("reward_hacking", "length_explosion", "kl_blowup", "entropy_collapse", "repetition")
@@ -275,32 +276,24 @@ class RLGuard:
         if not isinstance(config, RLGuardConfig):
             raise TypeError(f"config must be an RLGuardConfig, got {type(config).__name__}")
         self.config = config
-        # The training guard writes and prints incidents and counts rollbacks; its own detectors
-        # (loss spikes etc.) are not used here.
-        self._base = TrainingGuard(GuardConfig(max_rollbacks=config.max_rollbacks), incidents_path, log)
+        self.incidents = IncidentLog(incidents_path, config.max_rollbacks, log)
         self.windows = {name: RobustWindow(config.window) for name in SIGNALS + ("repetition",)}
         self.last_repetition: float | None = None
         self._active: set[str] = set()  # warn kinds that fired on the last judged step
 
     @property
     def log(self) -> Callable[[str], Any]:
-        return self._base.log
+        """Where console lines go (the trainer points it at its progress bar)."""
+        return self.incidents.log
 
     @log.setter
     def log(self, fn: Callable[[str], Any]) -> None:
-        self._base.log = fn
-
-    @property
-    def rollbacks(self) -> int:
-        return self._base.rollbacks
+        self.incidents.log = fn
 
     @property
     def counts(self) -> dict[str, int]:
-        return self._base.counts
-
-    @property
-    def recent(self) -> list[dict]:
-        return self._base.recent
+        """Incidents so far, per kind."""
+        return self.incidents.counts
 
     # -- detectors
     def _ready(self, name: str) -> bool:
@@ -317,7 +310,7 @@ class RLGuard:
         if d_fmt >= cfg.hacking_format_rise and d_acc <= -cfg.hacking_accuracy_drop:
             t_fmt, t_acc = trend_t(fmts), trend_t(accs)
             if t_fmt >= cfg.hacking_min_t and t_acc <= -cfg.hacking_min_t:
-                return [self._base._incident(
+                return [self.incidents.incident(
                     step, "reward_hacking", d_fmt, cfg.hacking_format_rise,
                     f"over the last {len(fmts)} steps the format rate trend rose by {d_fmt:+.3f} (now {fmt:.3f}, "
                     f"t {t_fmt:.1f}) while accuracy fell by {d_acc:+.3f} (now {acc:.3f}, t {t_acc:.1f}): the "
@@ -331,7 +324,7 @@ class RLGuard:
         if length is not None and self._ready("response_length"):
             z, med = w.zscore(length), w.median()
             if z > cfg.length_zscore and length >= cfg.length_min_ratio * med:
-                out.append(self._base._incident(
+                out.append(self.incidents.incident(
                     step, "length_explosion", z, cfg.length_zscore,
                     f"mean response length {length:.1f} is {z:.1f} robust sigmas above (and "
                     f"{length / max(med, 1e-9):.2f}x) the median {med:.1f} of the last {len(w)} steps",
@@ -340,7 +333,7 @@ class RLGuard:
         if not out and trunc is not None and self._ready("truncation_rate"):
             med = t.median()
             if trunc >= cfg.truncation_fraction and med < cfg.truncation_fraction / 2:
-                out.append(self._base._incident(
+                out.append(self.incidents.incident(
                     step, "length_explosion", trunc, cfg.truncation_fraction,
                     f"{trunc:.0%} of the completions hit max_tokens (median of the last {len(t)} steps: "
                     f"{med:.0%})", cfg.on_length))
@@ -357,18 +350,18 @@ class RLGuard:
         action, note = cfg.on_kl, ""
         if last is not None and kl < cfg.kl_jump_ratio * last:
             action = "warn"
-            note = (f"; it rose gradually ({_fmt(last)} the step before): warning, not rolling back "
+            note = (f"; it rose gradually ({short_number(last)} the step before): warning, not rolling back "
                     f"(a larger beta or a lower lr holds the policy closer)") if cfg.on_kl != "warn" else ""
         if kl > cfg.kl_max:
-            return [self._base._incident(step, "kl_blowup", kl, cfg.kl_max,
-                                         f"KL to the reference {_fmt(kl)} exceeds {cfg.kl_max:g}{note}", action)]
+            return [self.incidents.incident(step, "kl_blowup", kl, cfg.kl_max,
+                                         f"KL to the reference {short_number(kl)} exceeds {cfg.kl_max:g}{note}", action)]
         if kl >= cfg.kl_min and self._ready("kl"):
             z = w.zscore(kl)
             if z > cfg.kl_zscore:
-                return [self._base._incident(
+                return [self.incidents.incident(
                     step, "kl_blowup", z, cfg.kl_zscore,
-                    f"KL to the reference {_fmt(kl)} is {z:.1f} robust sigmas above the median "
-                    f"{_fmt(w.median())} of the last {len(w)} steps{note}", action)]
+                    f"KL to the reference {short_number(kl)} is {z:.1f} robust sigmas above the median "
+                    f"{short_number(w.median())} of the last {len(w)} steps{note}", action)]
         return []
 
     def _entropy(self, step: int, ent: float | None) -> list[dict]:
@@ -386,14 +379,14 @@ class RLGuard:
             what = ("fell below" if w.values else "starts below") + f" the floor {cfg.entropy_floor:g}"
             if not w.values:
                 what += " (little left to explore; after this, only a fast fall is reported)"
-            return [self._base._incident(step, "entropy_collapse", ent, cfg.entropy_floor,
-                                         f"policy entropy {_fmt(ent)} nats/token {what}", cfg.on_entropy)]
+            return [self.incidents.incident(step, "entropy_collapse", ent, cfg.entropy_floor,
+                                         f"policy entropy {short_number(ent)} nats/token {what}", cfg.on_entropy)]
         if self._ready("entropy"):
             med = w.median()
             if med > 0 and ent < cfg.entropy_drop_ratio * med:
-                return [self._base._incident(
+                return [self.incidents.incident(
                     step, "entropy_collapse", ent, cfg.entropy_drop_ratio * med,
-                    f"policy entropy {_fmt(ent)} nats/token is {ent / med:.2f}x the median {_fmt(med)} of the "
+                    f"policy entropy {short_number(ent)} nats/token is {ent / med:.2f}x the median {short_number(med)} of the "
                     f"last {len(w)} steps (falling fast)", cfg.on_entropy)]
         return []
 
@@ -411,7 +404,7 @@ class RLGuard:
                 action = "warn"
                 note = ("; the policy repeated before" if len(w) else "; no earlier steps to go back to") + \
                        ": warning instead of rolling back"
-            return [self._base._incident(
+            return [self.incidents.incident(
                 step, "repetition", frac, cfg.repeat_fraction,
                 f"{frac:.0%} of {judged} completions are degenerate (one repeated token or n-gram, n <= "
                 f"{cfg.repeat_ngram}, covers more than {cfg.repeat_coverage:.0%} of the text){note}",
@@ -436,7 +429,7 @@ class RLGuard:
         self._active = firing  # warnings already reported that keep firing stay quiet
         action = max((i["action"] for i in incidents), key=SEVERITY.__getitem__, default="ok")
         for inc in incidents:
-            self._base._record(inc)
+            self.incidents.record(inc)
         return Decision(action=action, incidents=incidents)
 
     def accept(self, signals: Mapping[str, Any]) -> None:
@@ -456,24 +449,23 @@ class RLGuard:
         ``message`` and ``completion`` (already truncated), as :meth:`GRPOTrainer.rollout` makes them."""
         first = errors[0]
         types = sorted({str(e["error"]) for e in errors})
-        inc = self._base._incident(
+        inc = self.incidents.incident(
             step, "reward_error", len(errors), 0,
             f"the {first['check']} function raised on {len(errors)} of {n_completions} completions "
             f"({', '.join(types)}; first: {first['error']}: {first['message']!r} on completion "
             f"{first['completion']!r}); they got reward {reward_on_error:g} and the step goes on", "warn")
         inc.update(error=str(first["error"]), completion=str(first["completion"]))
-        self._base._record(inc)
+        self.incidents.record(inc)
         return inc
 
     def note_rollback(self, step: int, to_step: int) -> None:
         """Record a rollback (raises :class:`NanoseekError` past ``max_rollbacks``)."""
-        self._base.note_rollback(step, to_step)
+        self.incidents.note_rollback(step, to_step)
 
     # -- state
     def state_dict(self) -> dict:
         return {"version": 1, "windows": {k: w.state_dict() for k, w in self.windows.items()},
-                "active": sorted(self._active), "rollbacks": self._base.rollbacks,
-                "counts": dict(self._base.counts)}
+                "active": sorted(self._active), **self.incidents.state_dict()}
 
     def load_state_dict(self, d: Mapping[str, Any]) -> None:
         """Restore a state; like the training guard, a rollback never lowers the rollback count."""
@@ -481,9 +473,6 @@ class RLGuard:
             for name, w in self.windows.items():
                 w.load_state_dict(d["windows"].get(name, {"values": []}))
             self._active = {str(k) for k in d.get("active", [])}
-            self._base.rollbacks = max(self._base.rollbacks, int(d["rollbacks"]))
-            counts = {str(k): int(v) for k, v in d.get("counts", {}).items()}
+            self.incidents.load_state_dict(d)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise NanoseekError(f"malformed RL-guard state: {exc!r}") from None
-        for kind, n in counts.items():
-            self._base.counts[kind] = max(self._base.counts.get(kind, 0), n)

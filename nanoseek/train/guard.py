@@ -6,7 +6,7 @@ whether the step looks healthy before it applies the update::
 
     guard = TrainingGuard(GuardConfig(), run_dir / "incidents.jsonl")
     decision = guard.check(step, loss, grad_norm, expert_load)   # before optimizer.step()
-    if decision.action in ("ok", "warn"):        # decision.apply_update
+    if decision.apply_update:                    # ok or warn
         optimizer.step(); guard.accept(step, loss, grad_norm)
     elif decision.action in ("skip", "lr_down"): # drop this update; lr_down also scales the LR
         optimizer.zero_grad()                    # from now on by guard.lr_scale
@@ -42,18 +42,16 @@ global gradient norm, and give ``incidents_path`` to one rank only.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import statistics
 from dataclasses import asdict, dataclass, field, fields
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from ..errors import ConfigError, NanoseekError
+from .incidents import IncidentLog, short_number
 
 POLICIES = ("warn", "skip", "rollback", "lr_down")
 NONFINITE_POLICIES = ("skip", "lr_down", "rollback")  # never "warn": the NaN update would reach the weights
@@ -208,16 +206,6 @@ class Decision:
         return self.action in ("ok", "warn")
 
 
-def _json_number(x: float) -> float | str:
-    """Floats as they are; NaN and infinities as strings so every line stays strict JSON."""
-    x = float(x)
-    return x if math.isfinite(x) else str(x)
-
-
-def _fmt(x: float) -> str:
-    return f"{x:.4g}" if math.isfinite(x) else str(x)
-
-
 # --------------------------------------------------------------------------- the guard
 class TrainingGuard:
     """Checks each step before its update (see the module docstring for the protocol)."""
@@ -226,23 +214,28 @@ class TrainingGuard:
         if not isinstance(config, GuardConfig):
             raise TypeError(f"config must be a GuardConfig, got {type(config).__name__}")
         self.config = config
-        self.incidents_path = Path(incidents_path) if incidents_path is not None else None
-        self.log = log
+        self.incidents = IncidentLog(incidents_path, config.max_rollbacks, log)
         self.loss_window = RobustWindow(config.window, rel_floor=config.mad_floor)
         self.grad_window = RobustWindow(config.window, rel_floor=config.mad_floor)
         self.lr_scale: float = 1.0
-        self.rollbacks: int = 0
         self.consecutive_skips: int = 0
-        self.counts: dict[str, int] = {}
-        self.recent: list[dict] = []     # the last incidents of this process (not part of the state)
         self._warned_low_load = False
 
+    @property
+    def log(self) -> Callable[[str], Any]:
+        """Where console lines go (the trainer points it at its progress bar)."""
+        return self.incidents.log
+
+    @log.setter
+    def log(self, fn: Callable[[str], Any]) -> None:
+        self.incidents.log = fn
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Incidents so far, per kind."""
+        return self.incidents.counts
+
     # -- detectors
-    def _incident(self, step: int, kind: str, value: float, threshold: float, detail: str,
-                  action: str) -> dict:
-        return {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "step": int(step),
-                "kind": kind, "value": _json_number(value), "threshold": _json_number(threshold),
-                "detail": detail, "action": action}
 
     def _check_expert_load(self, step: int, expert_load: torch.Tensor) -> list[dict]:
         cfg = self.config
@@ -269,7 +262,7 @@ class TrainingGuard:
         if bad:
             worst = max(bad, key=lambda i: dead[i].item())
             n_dead = int((load[worst] == 0).sum())
-            incidents.append(self._incident(
+            incidents.append(self.incidents.incident(
                 step, "expert_collapse", dead[worst].item(), cfg.dead_expert_fraction,
                 f"layer {worst}: {n_dead}/{n_experts} routed experts got no token "
                 f"(layers affected: {bad})", cfg.on_collapse))
@@ -278,7 +271,7 @@ class TrainingGuard:
         bad = [i for i in range(load.shape[0]) if ratio[i] > cfg.imbalance_ratio]
         if bad:
             worst = max(bad, key=lambda i: ratio[i].item())
-            incidents.append(self._incident(
+            incidents.append(self.incidents.incident(
                 step, "imbalance", ratio[worst].item(), cfg.imbalance_ratio,
                 f"layer {worst}: busiest expert {int(load[worst].argmax())} got "
                 f"{ratio[worst].item():.1f}x the mean load (layers affected: {bad})", cfg.on_collapse))
@@ -292,23 +285,23 @@ class TrainingGuard:
         incidents: list[dict] = []
         bad = [(name, x) for name, x in (("loss", loss), ("grad norm", grad_norm)) if not math.isfinite(x)]
         for name, x in bad:
-            incidents.append(self._incident(step, "nonfinite", x, math.inf, f"{name} is {x}",
+            incidents.append(self.incidents.incident(step, "nonfinite", x, math.inf, f"{name} is {x}",
                                             cfg.on_nonfinite))
         if math.isfinite(loss) and len(self.loss_window) >= cfg.min_history:
             z = self.loss_window.zscore(loss)
             if z > cfg.spike_zscore:
-                incidents.append(self._incident(
+                incidents.append(self.incidents.incident(
                     step, "loss_spike", z, cfg.spike_zscore,
-                    f"loss {_fmt(loss)} is {z:.1f} robust sigmas above the median "
-                    f"{_fmt(self.loss_window.median())} of the last {len(self.loss_window)} steps",
+                    f"loss {short_number(loss)} is {z:.1f} robust sigmas above the median "
+                    f"{short_number(self.loss_window.median())} of the last {len(self.loss_window)} steps",
                     cfg.on_spike))
         if math.isfinite(grad_norm) and len(self.grad_window) >= cfg.min_history:
             med = self.grad_window.median()
             if med > 0 and grad_norm > cfg.grad_norm_factor * med:
-                incidents.append(self._incident(
+                incidents.append(self.incidents.incident(
                     step, "grad_explosion", grad_norm, cfg.grad_norm_factor * med,
-                    f"grad norm {_fmt(grad_norm)} is {grad_norm / med:.1f}x the median "
-                    f"{_fmt(med)} of the last {len(self.grad_window)} steps", cfg.on_grad_explosion))
+                    f"grad norm {short_number(grad_norm)} is {grad_norm / med:.1f}x the median "
+                    f"{short_number(med)} of the last {len(self.grad_window)} steps", cfg.on_grad_explosion))
         if expert_load is not None:
             incidents.extend(self._check_expert_load(step, expert_load))
 
@@ -326,7 +319,7 @@ class TrainingGuard:
         if action == "lr_down":
             self.lr_scale *= cfg.lr_down_factor
         for inc in incidents:
-            self._record(inc, extra=f"; lr scale now {self.lr_scale:g}" if action == "lr_down" else "")
+            self.incidents.record(inc, extra=f"; lr scale now {self.lr_scale:g}" if action == "lr_down" else "")
         return Decision(action=action, incidents=incidents)
 
     def nonfinite_state(self, step: int, count: int, detail: str) -> Decision:
@@ -334,8 +327,8 @@ class TrainingGuard:
         checkpoint is due; ``detail`` names the tensors). Skipping cannot help once they are in the
         state, so the answer is always a rollback to the last good checkpoint."""
         self.consecutive_skips = 0
-        inc = self._incident(step, "nonfinite", count, 0, f"weights / optimizer state: {detail}", "rollback")
-        self._record(inc)
+        inc = self.incidents.incident(step, "nonfinite", count, 0, f"weights / optimizer state: {detail}", "rollback")
+        self.incidents.record(inc)
         return Decision(action="rollback", incidents=[inc])
 
     def accept(self, step: int, loss: float, grad_norm: float) -> None:
@@ -344,45 +337,17 @@ class TrainingGuard:
         self.grad_window.push(grad_norm)
 
     def note_rollback(self, step: int, to_step: int) -> None:
-        """Record that the run went back from ``step`` to the checkpoint of ``to_step``.
-
-        Raises :class:`NanoseekError` when this is rollback number ``max_rollbacks + 1``: the problem
-        is not transient, and a person should look at the run.
-        """
-        self.rollbacks += 1
+        """Record that the run went back from ``step`` to the checkpoint of ``to_step``; raises
+        :class:`NanoseekError` past ``max_rollbacks`` (see :meth:`IncidentLog.note_rollback`)."""
         self.consecutive_skips = 0
-        limit = self.config.max_rollbacks
-        over = self.rollbacks > limit
-        inc = self._incident(step, "rollback", self.rollbacks, limit,
-                             f"rolled back from step {step} to step {to_step} (rollback {self.rollbacks}, "
-                             f"at most {limit} allowed)", "abort" if over else "rollback")
-        inc["to_step"] = int(to_step)
-        self._record(inc)
-        if over:
-            where = f"; see {self.incidents_path}" if self.incidents_path is not None else ""
-            raise NanoseekError(f"training stopped at step {step}: {self.rollbacks} rollbacks needed, more "
-                                f"than max_rollbacks={limit}{where}")
-
-    # -- recording
-    def _record(self, inc: dict, extra: str = "") -> None:
-        self.counts[inc["kind"]] = self.counts.get(inc["kind"], 0) + 1
-        self.recent.append(inc)
-        del self.recent[:-100]
-        if self.incidents_path is not None:
-            self.incidents_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.incidents_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(inc, allow_nan=False) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-        self.log(f"[guard] step {inc['step']}: {inc['kind']}: {inc['detail']} -> {inc['action']}{extra}")
+        self.incidents.note_rollback(step, to_step)
 
     # -- state
     def state_dict(self) -> dict:
         """JSON-serialisable state; restoring it reproduces later decisions exactly."""
         return {"version": 1, "loss_window": self.loss_window.state_dict(),
                 "grad_window": self.grad_window.state_dict(), "lr_scale": self.lr_scale,
-                "rollbacks": self.rollbacks, "consecutive_skips": self.consecutive_skips,
-                "counts": dict(self.counts)}
+                "consecutive_skips": self.consecutive_skips, **self.incidents.state_dict()}
 
     def load_state_dict(self, d: dict) -> None:
         """Restore a state. Responses are never undone: loading an older state in the same run
@@ -392,10 +357,7 @@ class TrainingGuard:
             self.loss_window.load_state_dict(d["loss_window"])
             self.grad_window.load_state_dict(d["grad_window"])
             self.lr_scale = min(self.lr_scale, float(d["lr_scale"]))
-            self.rollbacks = max(self.rollbacks, int(d["rollbacks"]))
             self.consecutive_skips = int(d["consecutive_skips"])
-            counts = {str(k): int(v) for k, v in d.get("counts", {}).items()}
+            self.incidents.load_state_dict(d)
         except (KeyError, TypeError, ValueError) as exc:
             raise NanoseekError(f"malformed training-guard state: {exc!r}") from None
-        for kind, n in counts.items():
-            self.counts[kind] = max(self.counts.get(kind, 0), n)

@@ -680,7 +680,7 @@ class Trainer:
                 lr, gamma = 0.0, 0.0
                 self.cost.add_tokens(self.tokens_per_step)
                 self.cost.add_samples(cfg.batch_size * cfg.grad_accum * dist.world_size())
-                if action in ("ok", "warn"):
+                if decision.apply_update:
                     lr, gamma = self._apply(self.step, load)
                     self.guard.accept(step_no, loss, grad_norm)
                 else:
