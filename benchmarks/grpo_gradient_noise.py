@@ -66,7 +66,9 @@ def measure(ckpt: str, task: str, steps: int, prompts: int, group_size: int, max
             top: int = 5) -> dict:
     """Roll out ``steps`` independent batches from ``ckpt`` and return :func:`noise_statistics` plus
     the ``top`` parameters by mean gradient norm and the mean rollout accuracy."""
-    from nanoseek.rl.grpo import GRPOTrainer, build_run_config, completion_logprobs
+    from nanoseek.rl.config import build_run_config
+    from nanoseek.rl.grpo import GRPOTrainer
+    from nanoseek.rl.rollout import completion_logprobs
     from nanoseek.rl.objective import group_advantages, grpo_loss
 
     cfg = build_run_config(dict(init_from=str(Path(ckpt).resolve()), task=task, steps=steps,

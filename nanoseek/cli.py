@@ -91,7 +91,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 PRETRAIN_FIELDS = ("preset", "config", "init_from", "data", "tokenizer", "vocab_size", "text_field", "max_steps",
                    "batch_size", "grad_accum", "seq_len", "lr", "min_lr", "warmup_steps", "checkpoint_every",
                    "keep_last", "eval_every", "eval_batches", "log_every", "seed", "device", "compile",
-                   "activation_checkpointing", "deterministic", "fp8", "fp8_ue8m0", "tensorboard", "peak_tflops", "poison_step")
+                   "activation_checkpointing", "deterministic", "fp8", "fp8_ue8m0", "tensorboard", "peak_tflops")
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
@@ -139,9 +139,6 @@ def _add_pretrain_parser(sub) -> None:
     g.add_argument("--deterministic", action="store_true", default=None,
                    help="deterministic kernels on accelerators (slower; CPU runs are deterministic anyway)")
     add_bookkeeping_and_guard_arguments(p)
-    g = p.add_argument_group("guard drill")
-    g.add_argument("--poison-step", type=int, metavar="N",
-                   help="guard drill: multiply step N's loss by NaN once, to exercise the guard's response")
     p.set_defaults(handler=cmd_pretrain)
 
 

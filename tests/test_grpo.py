@@ -16,8 +16,9 @@ from nanoseek.infer.sampling import SamplingParams
 from nanoseek.rl import cli as rl_cli
 from nanoseek.rl import guard as rl_guard
 from nanoseek.rl import objective
-from nanoseek.rl.grpo import (GRPOTrainer, build_run_config, completion_logprobs, grpo, problem_seed,
-                              sample_seed)
+from nanoseek.rl.config import build_run_config
+from nanoseek.rl.grpo import GRPOTrainer, grpo
+from nanoseek.rl.rollout import completion_logprobs, problem_seed, sample_seed
 from nanoseek.rl.guard import (DEFAULT_POLICIES, POLICY_FIELDS, RLGuard, RLGuardConfig, fitted_change, trend_t,
                                repetition_coverage)
 from nanoseek.tasks import (SYSTEM_PROMPT, Problem, Task, Verdict, get_task, register_reward,
@@ -591,11 +592,11 @@ def test_a_verifier_that_raises_counts_as_a_wrong_answer(init_ckpt, tmp_path):
 
 
 def test_final_is_published_from_the_last_checkpoint(init_ckpt, tmp_path, monkeypatch):
-    import nanoseek.train.checkpoint as ckpt_mod
+    import nanoseek.train.run as run_mod  # the run layer publishes final/ for every stage
 
     published = []
-    real = ckpt_mod.publish_final
-    monkeypatch.setattr(ckpt_mod, "publish_final", lambda run_dir, ckpt: published.append(ckpt) or real(run_dir, ckpt))
+    real = run_mod.publish_final
+    monkeypatch.setattr(run_mod, "publish_final", lambda run_dir, ckpt: published.append(ckpt) or real(run_dir, ckpt))
     run = tmp_path / "run"
     run.mkdir()
     cfg = build_run_config(run_cfg(init_ckpt, steps=3, checkpoint_every=2))

@@ -112,7 +112,7 @@ def test_bias_speed_and_mtp_weight_schedules():
 
 
 def test_train_config_json_round_trip(tmp_path):
-    cfg = TrainConfig(preset="tiny", data=["a.txt"], betas=(0.8, 0.9), poison_step=3,
+    cfg = TrainConfig(preset="tiny", data=["a.txt"], betas=(0.8, 0.9), seed=3,
                       guard=GuardConfig(on_spike="rollback", max_rollbacks=5))
     cfg.save(tmp_path / "c.json")
     back = TrainConfig.load(tmp_path / "c.json")
@@ -243,9 +243,10 @@ def test_sigkill_and_resume_is_bit_identical(reference, workdir):
     assert cost["segments"] >= 2
 
 
-def test_poison_step_rolls_back_and_finishes(reference, workdir):
+def test_nan_drill_rolls_back_and_finishes(reference, workdir):
     run = workdir / "poison"
-    res = run_cli("pretrain", *COMMON, "--data", str(reference / "data"), "--out", str(run), "--poison-step", "6")
+    res = run_cli("pretrain", *COMMON, "--data", str(reference / "data"), "--out", str(run),
+                  env_extra={"NANOSEEK_FAULT": "nan_loss:6"})
     assert res.returncode == 0, res.stderr[-3000:]
     incidents = [json.loads(line) for line in (run / "incidents.jsonl").read_text().splitlines()]
     nonfinite = [i for i in incidents if i["kind"] == "nonfinite"]

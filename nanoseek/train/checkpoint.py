@@ -79,6 +79,29 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 
+def copy_tokenizer(src: str | os.PathLike, dst: str | os.PathLike, durable: bool = False) -> None:
+    """Copy the tokenizer files (:data:`TOKENIZER_FILES`, those present) of directory ``src`` into
+    ``dst`` (created); ``durable`` fsyncs each copy."""
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copyfile(Path(src) / name, dst / name)
+            if durable:
+                fsync_path(dst / name)
+
+
+def install_tokenizer(src: str | os.PathLike, tok_dir: str | os.PathLike) -> None:
+    """Make ``tok_dir`` a copy of the tokenizer in ``src``, swapped in whole (a crash leaves the old
+    directory or the new one, never a mix)."""
+    tok_dir = Path(tok_dir)
+    tmp = tok_dir.with_name(f"{tok_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    copy_tokenizer(src, tmp)
+    shutil.rmtree(tok_dir, ignore_errors=True)
+    os.replace(tmp, tok_dir)
+
+
 def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
     return Path(run_dir) / CHECKPOINTS / f"step_{step:08d}"
 
@@ -267,11 +290,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module, opt
         tmp.mkdir()
         nanoseek.save(model, tmp / MODEL_DIR, max_shard_size="10GB", state_dict=model_state)
         if tokenizer_dir is not None:
-            for name in TOKENIZER_FILES:
-                src = Path(tokenizer_dir) / name
-                if src.is_file():
-                    shutil.copyfile(src, tmp / MODEL_DIR / name)
-                    fsync_path(tmp / MODEL_DIR / name)
+            copy_tokenizer(tokenizer_dir, tmp / MODEL_DIR, durable=True)
         fsync_path(tmp / MODEL_DIR)
         _save_tensors(tmp / "optimizer.safetensors", tensors)
         write_json_durable(tmp / "optimizer.json", meta)

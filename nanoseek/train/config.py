@@ -26,7 +26,7 @@ GUARD_ACTIONS = ("warn", "skip", "rollback", "lr_down")
 RESUME_CHANGEABLE = frozenset({
     "max_steps", "checkpoint_every", "keep_last", "eval_every", "eval_batches", "log_every", "device",
     "compile", "activation_checkpointing", "tensorboard", "price_per_device_hour", "peak_tflops",
-    "poison_step", "guard", "deterministic",
+    "guard", "deterministic",
 })
 # Fields that only say where the data came from: a resumed run reads RUN_DIR's tokenizer and shards.
 DATA_FIELDS = frozenset({"data", "tokenizer", "vocab_size", "text_field", "val_fraction"})
@@ -80,7 +80,6 @@ class TrainConfig:
     price_per_device_hour: float = 2.0
     peak_tflops: float | None = None  # bf16 peak for MFU; None: known cards only (H100/H200 790)
     tensorboard: bool = False
-    poison_step: int | None = None  # guard drill: that step's loss is multiplied by NaN (once)
     guard: GuardConfig = field(default_factory=GuardConfig)
 
     def __post_init__(self) -> None:
@@ -115,7 +114,6 @@ class TrainConfig:
         need(self.vocab_size is None or self.vocab_size > 0, f"vocab_size must be positive, got {self.vocab_size}")
         need(self.peak_tflops is None or self.peak_tflops > 0, f"peak_tflops must be positive, got {self.peak_tflops}")
         need(self.price_per_device_hour >= 0, f"price_per_device_hour must be >= 0, got {self.price_per_device_hour}")
-        need(self.poison_step is None or self.poison_step >= 1, f"poison_step must be >= 1, got {self.poison_step}")
         for name in ("on_nonfinite", "on_spike", "on_grad_explosion", "on_collapse"):
             value = getattr(self.guard, name, None)
             need(value is None or value in GUARD_ACTIONS,

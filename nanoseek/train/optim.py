@@ -67,14 +67,17 @@ def train_top_layers(model: nn.Module, n_layers: int) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)  # a tied weight counts once
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over :func:`param_groups`; ``fused`` on CUDA, ``foreach`` elsewhere."""
-    groups = param_groups(model, cfg.weight_decay, cfg.decay_embeddings)
+def build_optimizer(model: nn.Module, cfg, device: torch.device, lr: float | None = None) -> torch.optim.AdamW:
+    """AdamW over :func:`param_groups` (trainable parameters only); ``fused`` on CUDA, ``foreach``
+    elsewhere. ``cfg`` is any stage's config with ``weight_decay``, ``betas``, ``eps`` (and
+    ``decay_embeddings``, default True); ``lr`` defaults to the TrainConfig schedule's first value."""
+    groups = param_groups(model, cfg.weight_decay, getattr(cfg, "decay_embeddings", True))
     for g in groups:
         g.pop("names")
     groups = [g for g in groups if g["params"]]
     kwargs = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    return torch.optim.AdamW(groups, lr=lr_at(0, cfg), betas=tuple(cfg.betas), eps=cfg.eps, **kwargs)
+    lr = lr_at(0, cfg) if lr is None else lr
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, **kwargs)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

@@ -42,37 +42,33 @@ it is off by default there (speed), and on the CPU it is not needed (it would on
 from __future__ import annotations
 
 import contextlib
-import json
-import math
 import os
-import resource
 import shutil
-import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from ..errors import CheckpointError, ConfigError, NanoseekError
+import nanoseek
+from ..config import ModelConfig, get_preset
+from ..data import (DeterministicSampler, PackedDataset, build_shards, check_vocab, load_tokenizer, open_shards,
+                    padded_vocab_size, read_manifest, train_tokenizer)
+from ..data.sources import DataError
+from ..device import autocast_dtype, device_name, pick_device
+from ..errors import ConfigError, NanoseekError
+from ..info import training_flops_per_token
+from ..model import DeepSeekV3, causal_lm_loss, update_routing_bias
+from ..fp8_training import convert_to_fp8
 from . import distributed as dist
-from .checkpoint import (
-    TOKENIZER_FILES,
-    checkpoint_dir,
-    checkpoint_step,
-    describe_nonfinite,
-    latest_checkpoint,
-    list_checkpoints,
-    load_model,
-    read_trainer_state,
-    restore_model,
-    restore_optimizer,
-    restore_rng,
-    save_checkpoint,
-)
+from .checkpoint import checkpoint_step, copy_tokenizer, list_checkpoints, load_model, read_trainer_state
 from .config import DATA_FIELDS, RESUME_CHANGEABLE, TrainConfig, merge_resume_settings
-from .faults import maybe_fault
+from .cost import CostMeter
+from .faults import inject_nan, maybe_fault
+from .guard import GuardConfig, TrainingGuard
 from .optim import bias_speed_at, build_optimizer, lr_at, mtp_weight_at
+from .run import RunTrainer, absolute_path, finite, format_line, peak_memory_bytes, run_lock, silent, start_run_dir
 
 STAGE = "pretrain"
 STATE_VERSION = 1
@@ -81,56 +77,15 @@ KNOWN_PEAK_TFLOPS = {"H100": 790.0, "H200": 790.0}
 
 
 # ----------------------------------------------------------------------------- helpers
-def _finite(x: float) -> float | None:
-    return x if isinstance(x, (int, float)) and math.isfinite(x) else None
-
-
 def default_peak_tflops(device: torch.device) -> float | None:
     """The bf16 peak used for MFU on known cards; ``None`` (MFU omitted) elsewhere."""
     if device.type != "cuda":
         return None
-    from ..device import device_name
-
     name = device_name(device)
     for key, value in KNOWN_PEAK_TFLOPS.items():
         if key in name:
             return value
     return None
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    """Peak allocated device memory on CUDA, else the process's peak resident set size."""
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)
-
-
-def _silent(*args, **kwargs) -> None:
-    pass
-
-
-@contextlib.contextmanager
-def _run_lock(run_dir: Path):
-    """One trainer per run directory (advisory flock; released by the kernel even on SIGKILL).
-    Under torchrun rank 0 holds it for all ranks."""
-    if not dist.is_main():
-        yield
-        return
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock
-        yield
-        return
-    fh = open(run_dir / ".lock", "w")
-    try:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise NanoseekError(f"another nanoseek process is training in {run_dir}") from None
-        yield
-    finally:
-        fh.close()
 
 
 @contextlib.contextmanager
@@ -148,14 +103,10 @@ def _deterministic(enabled: bool):
 
 def _summary_writer():
     try:
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # optional: only for --tensorboard
     except ImportError:
         raise NanoseekError("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
     return SummaryWriter
-
-
-def _abs(p: str | None) -> str | None:
-    return None if p is None else os.path.abspath(os.path.expanduser(p))
 
 
 def _is_shard_dir(paths: list[str]) -> bool:
@@ -172,9 +123,9 @@ def resolve_config(run_dir: Path, overrides: dict[str, Any], resume: bool, log: 
     overrides = dict(overrides)
     for key in ("config", "init_from", "tokenizer"):
         if overrides.get(key) is not None:
-            overrides[key] = _abs(overrides[key])
+            overrides[key] = absolute_path(overrides[key])
     if overrides.get("data"):
-        overrides["data"] = [_abs(p) for p in overrides["data"]]
+        overrides["data"] = [absolute_path(p) for p in overrides["data"]]
     guard_over = overrides.pop("guard", None) or {}
     cfg_path = run_dir / "train_config.json"
 
@@ -185,8 +136,6 @@ def resolve_config(run_dir: Path, overrides: dict[str, Any], resume: bool, log: 
         data = merge_resume_settings(TrainConfig.load(cfg_path).to_dict(), overrides, guard_over,
                                      RESUME_CHANGEABLE, run_dir, log, ignore=DATA_FIELDS)
         return TrainConfig.from_dict(data, source=str(cfg_path))
-
-    from .guard import GuardConfig
 
     fields = {k: v for k, v in overrides.items() if v is not None}
     if guard_over:
@@ -224,9 +173,6 @@ def resolve_config(run_dir: Path, overrides: dict[str, Any], resume: bool, log: 
 # ----------------------------------------------------------------------------- data
 def prepare_data(cfg: TrainConfig, run_dir: Path, fresh: bool, log: Callable = print, default_vocab: int = 4096):
     """Tokenizer and shards for the run. Returns ``(tokenizer, tokenizer_dir, data_dir)``."""
-    from ..data import build_shards, load_tokenizer, read_manifest, train_tokenizer
-    from ..data.sources import DataError
-
     tok_dir = run_dir / "tokenizer"
     shard_mode = _is_shard_dir(cfg.data)
     data_dir = Path(cfg.data[0]) if shard_mode else run_dir / "data"
@@ -253,10 +199,7 @@ def prepare_data(cfg: TrainConfig, run_dir: Path, fresh: bool, log: Callable = p
             raise NanoseekError(f"--tokenizer {src}: no tokenizer.json there")
         tokenizer = load_tokenizer(src)
         if src.resolve() != tok_dir.resolve():
-            tmp_tok.mkdir(parents=True)
-            for name in TOKENIZER_FILES:
-                if (src / name).is_file():
-                    shutil.copyfile(src / name, tmp_tok / name)
+            copy_tokenizer(src, tmp_tok)
         log(f"tokenizer: {src} ({tokenizer.vocab_size} ids)")
     else:
         vocab = cfg.vocab_size or default_vocab
@@ -312,9 +255,6 @@ def load_datasets(data_dir: Path, cfg: TrainConfig, log: Callable = print):
     (a corpus of very few documents), the last ``max(seq_len + 1, val_fraction × tokens)`` tokens of
     the training stream are held out instead. Deterministic, so a resumed run sees the same split.
     """
-    from ..data import PackedDataset, open_shards
-    from ..data.sources import DataError
-
     need = cfg.seq_len + 1
     train, val = open_shards(data_dir, "train"), open_shards(data_dir, "val")
     n_train, n_val = sum(a.size for a in train), sum(a.size for a in val)
@@ -333,9 +273,6 @@ def load_datasets(data_dir: Path, cfg: TrainConfig, log: Callable = print):
 # ----------------------------------------------------------------------------- model
 def build_model_config(cfg: TrainConfig, tokenizer, log: Callable = print):
     """The ModelConfig of a fresh run, its vocabulary checked against the tokenizer."""
-    from ..config import ModelConfig, get_preset
-    from ..data import check_vocab, padded_vocab_size
-
     if cfg.init_from is not None:
         model_cfg = ModelConfig.from_json(cfg.init_from)
         where = f"--init-from {cfg.init_from}"
@@ -358,8 +295,7 @@ def build_model_config(cfg: TrainConfig, tokenizer, log: Callable = print):
 
 
 def default_vocab_size(cfg: TrainConfig) -> int:
-    from ..config import ModelConfig, get_preset
-
+    """The vocabulary size a fresh run's tokenizer is trained to: the model's."""
     if cfg.init_from is not None:
         return ModelConfig.from_json(cfg.init_from).vocab_size
     if cfg.config is not None:
@@ -368,27 +304,39 @@ def default_vocab_size(cfg: TrainConfig) -> int:
 
 
 # ----------------------------------------------------------------------------- the trainer
-class Trainer:
+@dataclass
+class StepMetrics:
+    """What one pretraining/SFT step measured, averaged over micro-batches and ranks."""
+
+    loss: float
+    lm_loss: float
+    mtp_loss: float
+    aux_loss: float
+    grad_norm: float
+    load_max_over_mean: float | None = None  # busiest expert / mean load, worst MoE layer
+    dead_experts: int | None = None          # routed experts that got no token, all layers
+
+
+class Trainer(RunTrainer):
     """Holds the state of one training run; :meth:`train` runs it to ``max_steps``.
 
     Pretraining as is. Another stage (``nanoseek.train.sft.SFTTrainer``: SFT, distillation) subclasses
     it, sets :attr:`stage` and overrides the two data hooks :meth:`prepare_data` and
-    :meth:`load_datasets`; the loop, checkpoints, guard, cost meter, metrics and report are shared.
+    :meth:`load_datasets`. Checkpoints, resume, rollback, cost, metrics and report come from
+    :class:`~nanoseek.train.run.RunTrainer`.
     """
 
     stage = STAGE  # the name in metrics.jsonl, cost.json, trainer_state.json, tensorboard and the progress bar
 
     def __init__(self, cfg: TrainConfig, run_dir: Path, resume: bool, log: Callable = print):
-        from ..data import DeterministicSampler
-        from ..device import autocast_dtype, device_name, pick_device
-        from ..info import training_flops_per_token
-        from .cost import CostMeter
-        from .guard import TrainingGuard
-
+        super().__init__()
         self.cfg, self.run_dir, self.log = cfg, run_dir, log
+        self.keep_last = cfg.keep_last
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.logs = {"metrics_bytes": self.metrics_path}
         self.device = dist.local_device(pick_device(cfg.device))  # cuda:LOCAL_RANK etc. under torchrun
         self.amp = autocast_dtype(self.device)
-        self.ckpt = self._pick_checkpoint() if resume else None  # the newest that verifies
+        self.ckpt = self.pick_checkpoint() if resume else None  # the newest that verifies
         state = read_trainer_state(self.ckpt) if self.ckpt is not None else None
 
         # data
@@ -404,18 +352,12 @@ class Trainer:
         if state is None:
             model_cfg = build_model_config(cfg, self.tokenizer, log)
             if cfg.init_from is not None:
-                import nanoseek
-
                 model = nanoseek.load(cfg.init_from, device="cpu", dtype=torch.float32)
             else:
-                from ..model import DeepSeekV3
-
                 torch.manual_seed(cfg.seed)
                 model = DeepSeekV3(model_cfg)
         else:
-            model = load_model(self.ckpt, "cpu", verify=False)  # verified by _pick_checkpoint
-        from ..data import check_vocab
-
+            model = load_model(self.ckpt, "cpu", verify=False)  # verified by pick_checkpoint
         try:
             check_vocab(self.tokenizer.vocab_size, model.config.vocab_size)
         except ValueError as exc:
@@ -424,8 +366,6 @@ class Trainer:
             log(f"note: seq_len {cfg.seq_len} exceeds the model's max_position_embeddings "
                 f"{model.config.max_position_embeddings}")
         if cfg.fp8:  # before FSDP2, the optimizer and torch.compile: it swaps modules, keeping parameters
-            from ..fp8_training import convert_to_fp8
-
             convert_to_fp8(model, ue8m0=cfg.fp8_ue8m0)
         self.model = dist.parallelize(model, self.device).train()  # FSDP2 shards when distributed
         self.model.set_activation_checkpointing(cfg.activation_checkpointing)
@@ -442,14 +382,10 @@ class Trainer:
         self.flops_per_token = training_flops_per_token(model.config, cfg.seq_len, include_mtp=True)
         self.peak_tflops = cfg.peak_tflops if cfg.peak_tflops is not None else default_peak_tflops(self.device)
         self.tokens_per_step = cfg.tokens_per_step * dist.world_size()
-        self.metrics_path = run_dir / "metrics.jsonl"
-        self.step = 0
         self.tokens = 0
-        self.elapsed_before = 0.0
-        self.poison_fired = False
         self.tb = None
         if state is not None:
-            self._restore(state)
+            self.restore(self.ckpt, state)
         n_params = model.num_parameters()
         log(f"device: {self.device} ({device_name(self.device)}), autocast {self.amp or 'off (float32)'}; "
             f"model {n_params / 1e6:.2f}M parameters (+MTP {model.num_parameters(True) - n_params:,}); "
@@ -465,118 +401,35 @@ class Trainer:
         return load_datasets(self.data_dir, self.cfg, self.log)
 
     # ------------------------------------------------------------------ state
-    def _trainer_state(self) -> dict:
-        if self.metrics_path.exists():
-            metrics_bytes = self.metrics_path.stat().st_size
-        else:
-            metrics_bytes = 0
-        return {
-            "version": STATE_VERSION, "stage": self.stage, "step": self.step, "tokens": self.tokens,
-            "sampler": self.sampler.state_dict(), "guard": self.guard.state_dict(), "cost": self.cost.state_dict(),
-            "train_config": self.cfg.to_dict(), "metrics_bytes": metrics_bytes,
-            "elapsed": self.elapsed_before + (time.perf_counter() - self._t_start),
-            "poison_fired": self.poison_fired, "tokenizer_sha256": self.tokenizer.fingerprint,
-            "data_dir": str(self.data_dir), "torch_version": torch.__version__, "num_threads": torch.get_num_threads(),
-            "device": str(self.device), "saved_at": time.time(),
-        }
+    def extra_state(self) -> dict:
+        return {"tokens": self.tokens, "sampler": self.sampler.state_dict(), "train_config": self.cfg.to_dict(),
+                "data_dir": str(self.data_dir)}
 
-    def _restore(self, state: dict) -> None:
-        """Resume: everything but the model weights (already loaded from the checkpoint)."""
-        if state.get("version") != STATE_VERSION:
-            raise NanoseekError(f"{self.ckpt}: unsupported trainer state version {state.get('version')!r}")
-        if state.get("tokenizer_sha256") != self.tokenizer.fingerprint:
-            raise NanoseekError(f"{self.ckpt} was trained with another tokenizer than {self.tok_dir}")
-        restore_optimizer(self.optimizer, self.ckpt, model=self.model, verify=False)
-        restore_rng(self.ckpt, self.device, verify=False)
+    def load_extra_state(self, state: dict) -> None:
+        self.tokens = int(state["tokens"])
         self.sampler.load_state_dict(state["sampler"])
-        self.guard.load_state_dict(state["guard"])
-        self.cost.load_state_dict(state["cost"])
-        self.step, self.tokens = int(state["step"]), int(state["tokens"])
-        self.elapsed_before = float(state["elapsed"])
-        self.poison_fired = bool(state["poison_fired"])
-        if self.device.type == "cpu" and state.get("num_threads") not in (None, torch.get_num_threads()):
-            self.log(f"note: the checkpoint was written with {state['num_threads']} CPU threads and this process "
-                     f"has {torch.get_num_threads()}: the continuation is exact in state but may differ bitwise "
-                     f"from an uninterrupted run")
-        if self.metrics_path.exists():  # drop the records of steps the killed run took after this checkpoint
-            with open(self.metrics_path, "r+b") as fh:
-                fh.truncate(min(int(state["metrics_bytes"]), self.metrics_path.stat().st_size))
-        self.log(f"resumed from {self.ckpt} at step {self.step}")
-
-    def _pick_checkpoint(self) -> Path | None:
-        """The newest checkpoint that verifies (``None``: there is none at all): rank 0 reads and
-        checks the files, logging what it skips, and every rank gets its choice. Raises
-        :class:`CheckpointError` on every rank when checkpoints exist but none verifies."""
-        step, error = -1, None
-        if dist.is_main():
-            try:
-                ckpt = latest_checkpoint(self.run_dir, log=self.log)
-                step = -1 if ckpt is None else checkpoint_step(ckpt)
-            except CheckpointError as exc:
-                step, error = -2, exc
-        if dist.world_size() > 1:
-            step = int(dist.all_reduce_sum(torch.tensor([step if dist.is_main() else 0], device=self.device)).item())
-        if step == -2:
-            raise error or CheckpointError(f"no intact checkpoint in {self.run_dir} (see rank 0's output)")
-        return None if step < 0 else checkpoint_dir(self.run_dir, step)
-
-    def _nonfinite_state(self) -> tuple[int, str | None]:
-        """How many values of the weights, buffers and optimizer moments are NaN or infinite (summed
-        over ranks), and which tensors hold them. Collective under FSDP2."""
-        names = {id(p): n for n, p in self.model.named_parameters()}
-        named = list(self.model.state_dict().items())
-        for group in self.optimizer.param_groups:
-            for p in group["params"]:
-                state = self.optimizer.state.get(p, {})
-                named += [(f"optimizer {key} of {names.get(id(p), '?')}", state[key]) for key in sorted(state)]
-        return describe_nonfinite(named, reduce=dist.all_reduce_sum)
-
-    def save(self, check: bool = True) -> Path:
-        """Checkpoint the current step (collective). ``check``: refuse non-finite state on every rank
-        first (:class:`CheckpointError`); save_checkpoint checks again on rank 0 either way."""
-        if check:
-            _, bad = self._nonfinite_state()
-            if bad is not None:
-                raise CheckpointError(f"refusing to checkpoint step {self.step} in {self.run_dir}: {bad}")
-        path = None
-        model_state, optimizer_state = dist.full_state_dicts(self.model, self.optimizer)  # all ranks; None if 1 process
-        if dist.is_main():
-            self.cost.save()
-            path = save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self._trainer_state(),
-                                   self.tok_dir, keep_last=self.cfg.keep_last, device=self.device,
-                                   model_state=model_state, optimizer_state=optimizer_state)
-        dist.barrier()
-        return path
 
     def rollback(self, bad_step: int, sampler_before: dict, required: bool = False) -> None:
-        """Reload the latest checkpoint, then move the data stream past the offending step's window.
+        """Reload the newest good checkpoint, then move the data stream past the offending step's window.
 
-        The guard keeps its history (and counts the rollback; it raises after ``max_rollbacks``); the
-        cost meter keeps counting (the wasted compute was real). Data between the checkpoint and the
-        bad step is not replayed: the sampler continues ``skip_batches_after_rollback`` steps after the
-        start of the bad step's window (PaLM-style skipping of the data around a spike).
-
-        The checkpoint is the newest that verifies. ``required``: the current state is unusable
-        (non-finite), so having no checkpoint is an error rather than a skipped step.
+        The guard keeps its history (and counts the rollback); data between the checkpoint and the
+        bad step is not replayed: the sampler continues ``skip_batches_after_rollback`` steps after
+        the start of the bad step's window (PaLM-style skipping of the data around a spike).
+        ``required``: the current state is unusable (non-finite), so having no checkpoint is an error
+        rather than a skipped step.
         """
-        ckpt = self._pick_checkpoint()
-        if ckpt is None:
+        state = self.load_checkpoint(bad_step, with_rng=True)
+        if state is None:
             if required:
                 raise NanoseekError(f"step {bad_step}: the weights or optimizer state are not finite and "
                                     f"{self.run_dir} holds no checkpoint to roll back to")
             self.log(f"guard: step {bad_step}: rollback requested but there is no checkpoint; skipping the step")
             return
-        to_step = checkpoint_step(ckpt)
-        self.guard.note_rollback(bad_step, to_step)
-        restore_model(self.model, ckpt, verify=False)  # verified by _pick_checkpoint
-        restore_optimizer(self.optimizer, ckpt, model=self.model, verify=False)
-        restore_rng(ckpt, self.device, verify=False)
-        state = read_trainer_state(ckpt)
-        self.step, self.tokens = int(state["step"]), int(state["tokens"])
+        self.tokens = int(state["tokens"])
         self.sampler.load_state_dict(sampler_before)
         self.sampler.skip(self.cfg.guard.skip_batches_after_rollback * self.cfg.grad_accum)
-        self.log(f"guard: step {bad_step}: rolled back to {ckpt.name}; skipped "
-                 f"{self.cfg.guard.skip_batches_after_rollback} step(s) of data past the offending window")
+        self.log(f"guard: skipped {self.cfg.guard.skip_batches_after_rollback} step(s) of data past the "
+                 f"offending window")
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -584,8 +437,6 @@ class Trainer:
         """Mean token loss of the main LM head over the first ``eval_batches`` val batches (fixed)."""
         if self.val_ds is None:
             return None
-        from ..model.model import causal_lm_loss
-
         self.model.eval()
         n = min(len(self.val_ds), self.cfg.eval_batches * self.cfg.batch_size)
         total, count = 0.0, 0
@@ -601,7 +452,7 @@ class Trainer:
         return dist.all_reduce_mean(torch.tensor(total / count)).item()
 
     # ------------------------------------------------------------------ one step
-    def _forward_backward(self, step_index: int, poison: bool) -> tuple[list[float], torch.Tensor | None]:
+    def _forward_backward(self, step_index: int) -> tuple[StepMetrics, torch.Tensor | None]:
         cfg = self.cfg
         lam = mtp_weight_at(step_index, cfg)
         sums = torch.zeros(4, device=self.device)
@@ -612,7 +463,7 @@ class Trainer:
             with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
                 out = self.forward(x, labels=y, mtp_loss_weight=lam, aux_loss_alpha=cfg.aux_loss_alpha)
             loss = out.loss
-            if poison and micro == 0:  # guard drill (--poison-step): a non-finite loss on purpose
+            if micro == 0 and inject_nan(step_index + 1):  # the guard drill (nanoseek.train.faults)
                 loss = loss * float("nan")
             (loss / cfg.grad_accum).backward()
             zero = loss.new_zeros(())
@@ -630,7 +481,10 @@ class Trainer:
             ratio = (lf.max(dim=1).values / lf.mean(dim=1).clamp_min(1e-9)).max()
             extra += [ratio.reshape(1), (load == 0).sum().reshape(1).float()]
         values = dist.all_reduce_mean(torch.cat([sums] + extra)).tolist()  # the one host sync of the step
-        return values, load
+        metrics = StepMetrics(*values[:5])
+        if load is not None:
+            metrics.load_max_over_mean, metrics.dead_experts = values[5], int(values[6])
+        return metrics, load
 
     def _apply(self, step_index: int, load: torch.Tensor | None) -> tuple[float, float]:
         lr = lr_at(step_index, self.cfg) * self.guard.lr_scale
@@ -641,8 +495,6 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if gamma > 0 and load is not None:
             for router, layer_load in zip(self.routers, load):
-                from ..model.moe import update_routing_bias
-
                 update_routing_bias(router, layer_load, gamma)
         return lr, gamma
 
@@ -654,109 +506,74 @@ class Trainer:
             self.log(f"checkpoint: {self.save()} (initial weights)")
         if cfg.tensorboard and dist.is_main():
             self.tb = _summary_writer()(str(self.run_dir / "tensorboard"))
-        from tqdm import tqdm
-
-        bar = tqdm(total=cfg.max_steps, initial=self.step, desc=self.stage, unit="step", dynamic_ncols=True,
-                   disable=not sys.stderr.isatty() or not dist.is_main(), file=sys.stderr)
-        say = bar.write if not bar.disable else self.log
-        self.guard.log = say
-        self.cost.start()
-        metrics = open(self.metrics_path, "a", encoding="utf-8")
         last_val = None
         try:
-            t_prev = time.perf_counter()
-            while self.step < cfg.max_steps:
-                step_no = self.step + 1
-                maybe_fault("kill_at_step", step_no)  # TEST-ONLY (see nanoseek.train.faults)
-                poison = cfg.poison_step == step_no and not self.poison_fired
-                if poison:
-                    self.poison_fired = True
-                    say(f"guard drill: poisoning step {step_no} with a NaN loss (--poison-step)")
-                sampler_before = self.sampler.state_dict()
-                values, load = self._forward_backward(self.step, poison)
-                loss, lm_loss, mtp_loss, aux_loss, grad_norm = values[:5]
-                decision = self.guard.check(step_no, loss, grad_norm, load)
-                action = decision.action
-                lr, gamma = 0.0, 0.0
-                self.cost.add_tokens(self.tokens_per_step)
-                self.cost.add_samples(cfg.batch_size * cfg.grad_accum * dist.world_size())
-                if decision.apply_update:
-                    lr, gamma = self._apply(self.step, load)
-                    self.guard.accept(step_no, loss, grad_norm)
-                else:
-                    self.optimizer.zero_grad(set_to_none=True)
-                if action == "rollback":
-                    self.rollback(step_no, sampler_before)
-                    self._write(metrics, self._record(step_no, action, values, lr, gamma, 0.0, None))
-                    bar.n = self.step
-                    bar.refresh()
-                    t_prev = time.perf_counter()
-                    continue
-                self.step += 1
-                self.tokens += self.tokens_per_step
-                now = time.perf_counter()
-                dt, t_prev = now - t_prev, now
-                val = None
-                if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
-                    val = last_val = self.evaluate()
-                record = self._record(self.step, action, values, lr, gamma, dt, val)
-                if self.step % cfg.log_every == 0 or action != "ok" or val is not None or self.step == cfg.max_steps:
-                    self._write(metrics, record)
-                    say(self._line(record))
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
-                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps:
-                    metrics.flush()
-                    n_bad, bad = self._nonfinite_state()
-                    if bad is not None:  # never checkpointed: back to the last good one, past this data
-                        self.guard.nonfinite_state(self.step, n_bad, bad)
-                        self.rollback(self.step, sampler_before, required=True)
-                        self._write(metrics, self._record(step_no, "rollback", values, lr, gamma, 0.0, None))
+            with self.bookkeeping(cfg.max_steps) as (bar, say, metrics_file):
+                t_prev = time.perf_counter()
+                while self.step < cfg.max_steps:
+                    step_no = self.step + 1
+                    maybe_fault("kill_at_step", step_no)  # TEST-ONLY (see nanoseek.train.faults)
+                    sampler_before = self.sampler.state_dict()
+                    metrics, load = self._forward_backward(self.step)
+                    decision = self.guard.check(step_no, metrics.loss, metrics.grad_norm, load)
+                    action = decision.action
+                    lr, gamma = 0.0, 0.0
+                    self.cost.add_tokens(self.tokens_per_step)
+                    self.cost.add_samples(cfg.batch_size * cfg.grad_accum * dist.world_size())
+                    if decision.apply_update:
+                        lr, gamma = self._apply(self.step, load)
+                        self.guard.accept(step_no, metrics.loss, metrics.grad_norm)
+                    else:
+                        self.optimizer.zero_grad(set_to_none=True)
+                    if action == "rollback":
+                        self.rollback(step_no, sampler_before)
+                        self._write(metrics_file, self._record(step_no, action, metrics, lr, gamma, 0.0, None))
                         bar.n = self.step
                         bar.refresh()
                         t_prev = time.perf_counter()
                         continue
-                    path = self.save(check=False)
-                    say(f"checkpoint: {path}")
-                if val is not None or self.step % cfg.checkpoint_every == 0:
-                    t_prev = time.perf_counter()  # eval / checkpoint time is not step time
+                    self.step += 1
+                    self.tokens += self.tokens_per_step
+                    now = time.perf_counter()
+                    dt, t_prev = now - t_prev, now
+                    val = None
+                    if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
+                        val = last_val = self.evaluate()
+                    record = self._record(self.step, action, metrics, lr, gamma, dt, val)
+                    if (self.step % cfg.log_every == 0 or action != "ok" or val is not None
+                            or self.step == cfg.max_steps):
+                        self._write(metrics_file, record)
+                        say(self._line(record))
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{metrics.loss:.3f}", refresh=False)
+                    if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps:
+                        metrics_file.flush()
+                        n_bad, bad = self.nonfinite_state()
+                        if bad is not None:  # never checkpointed: back to the last good one, past this data
+                            self.guard.nonfinite_state(self.step, n_bad, bad)
+                            self.rollback(self.step, sampler_before, required=True)
+                            self._write(metrics_file,
+                                        self._record(step_no, "rollback", metrics, lr, gamma, 0.0, None))
+                            bar.n = self.step
+                            bar.refresh()
+                            t_prev = time.perf_counter()
+                            continue
+                        say(f"checkpoint: {self.save(check=False)}")
+                    if val is not None or self.step % cfg.checkpoint_every == 0:
+                        t_prev = time.perf_counter()  # eval / checkpoint time is not step time
         finally:
-            bar.close()
-            metrics.close()
-            self.cost.stop()
-            if dist.is_main():
-                self.cost.save()
             if self.tb is not None:
                 self.tb.close()
-        report = None
-        try:
-            from ..report import write_report
-        except ImportError:
-            write_report = None
-        if write_report is not None and dist.is_main():
-            try:
-                report = write_report(self.run_dir)
-                self.log(f"report: {report}")
-            except Exception as exc:  # the run itself succeeded; a report problem must not hide that
-                self.log(f"warning: could not write the report: {type(exc).__name__}: {exc}")
-        final = checkpoint_dir(self.run_dir, self.step)  # the loop checkpoints max_steps
-        if not final.is_dir():
-            final = latest_checkpoint(self.run_dir, cleanup=False, verify=False)
-        final_dir = None
-        if final is not None and dist.is_main():  # RUN_DIR/final: the last model, self-contained (with tokenizer)
-            from .checkpoint import publish_final
+        final_dir, report = self.finish()
+        self.log(f"done: {self.step} steps, {self.tokens} tokens; model in {final_dir}")
+        return {"step": self.step, "tokens": self.tokens, "val_loss": last_val, "final": final_dir,
+                "report": report}
 
-            final_dir = publish_final(self.run_dir, final)
-        self.log(f"done: {self.step} steps, {self.tokens} tokens; final checkpoint {final}; model in {final_dir}")
-        return {"step": self.step, "tokens": self.tokens, "val_loss": last_val, "checkpoint": final,
-                "final": final_dir, "report": report}
-
-    def _record(self, step: int, action: str, values: list[float], lr: float, gamma: float, dt: float,
+    def _record(self, step: int, action: str, m: StepMetrics, lr: float, gamma: float, dt: float,
                 val: float | None) -> dict:
-        loss, lm_loss, mtp_loss, aux_loss, grad_norm = values[:5]
         rec: dict[str, Any] = {
-            "stage": self.stage, "step": step, "action": action, "loss": _finite(loss), "lm_loss": _finite(lm_loss),
-            "mtp_loss": _finite(mtp_loss), "aux_loss": _finite(aux_loss), "lr": lr, "grad_norm": _finite(grad_norm),
+            "stage": self.stage, "step": step, "action": action, "loss": finite(m.loss), "lm_loss": finite(m.lm_loss),
+            "mtp_loss": finite(m.mtp_loss), "aux_loss": finite(m.aux_loss), "lr": lr, "grad_norm": finite(m.grad_norm),
             "tokens": self.tokens,
         }
         if dt > 0:
@@ -765,41 +582,32 @@ class Trainer:
             rec["tflops"] = tps * self.flops_per_token / 1e12
             if self.peak_tflops:
                 rec["mfu"] = rec["tflops"] / (self.peak_tflops * dist.world_size())
-        if len(values) > 5:
-            rec["expert_load_max_over_mean"] = _finite(values[5])
-            rec["dead_experts"] = int(values[6])
+        if m.dead_experts is not None:
+            rec["expert_load_max_over_mean"] = finite(m.load_max_over_mean)
+            rec["dead_experts"] = m.dead_experts
         rec.update({"peak_mem_bytes": peak_memory_bytes(self.device),
-                    "mtp_weight": mtp_weight_at(step - 1, self.cfg), "bias_speed": gamma,
-                    "elapsed": self.elapsed_before + (time.perf_counter() - self._t_start)})
+                    "mtp_weight": mtp_weight_at(step - 1, self.cfg), "bias_speed": gamma, "elapsed": self.elapsed()})
         if val is not None:
             rec["val_loss"] = val
         return rec
 
     def _write(self, fh, rec: dict) -> None:
-        if not dist.is_main():
-            return
-        fh.write(json.dumps(rec) + "\n")
-        fh.flush()
+        self.write_record(fh, rec)
         if self.tb is not None:
             for key, value in rec.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
                     self.tb.add_scalar(f"{self.stage}/{key}", value, rec["step"])
 
     def _line(self, r: dict) -> str:
-        def f(key: str, fmt: str) -> str:
-            return format(r[key], fmt) if r.get(key) is not None else "nan"
-
-        parts = [f"step {r['step']}/{self.cfg.max_steps}", f"loss {f('loss', '.4f')}", f"lm {f('lm_loss', '.4f')}",
-                 f"lr {r['lr']:.2e}", f"gnorm {f('grad_norm', '.3f')}"]
+        fields = [("loss", r["loss"], ".4f"), ("lm", r["lm_loss"], ".4f"), ("lr", r["lr"], ".2e"),
+                  ("gnorm", r["grad_norm"], ".3f")]
         if "tokens_per_s" in r:
-            parts.append(f"{r['tokens_per_s']:,.0f} tok/s")
+            fields.append(("", f"{r['tokens_per_s']:,.0f} tok/s", ""))
         if "mfu" in r:
-            parts.append(f"mfu {100 * r['mfu']:.1f}%")
+            fields.append(("mfu", f"{100 * r['mfu']:.1f}%", ""))
         if r.get("val_loss") is not None:
-            parts.append(f"val {r['val_loss']:.4f}")
-        if r["action"] != "ok":
-            parts.append(f"[{r['action']}]")
-        return " | ".join(parts)
+            fields.append(("val", r["val_loss"], ".4f"))
+        return format_line(r["step"], self.cfg.max_steps, fields, r["action"])
 
 
 def pretrain(out: str | os.PathLike, overrides: dict[str, Any], resume: bool = False, log: Callable = print) -> dict:
@@ -814,21 +622,15 @@ def run_stage(out: str | os.PathLike, overrides: dict[str, Any], resume: bool = 
     directory, then ``trainer_factory(cfg, run_dir, resume, log).train()``."""
     run_dir = Path(out).expanduser().resolve()
     if not dist.launched_main():  # under torchrun only rank 0 speaks (and writes files)
-        log = _silent
+        log = silent
     cfg = resolve_config(run_dir, overrides, resume, log)
     run_dir.mkdir(parents=True, exist_ok=True)
-    from ..device import pick_device
-
     dist.init_distributed(pick_device(cfg.device))  # torchrun: join the process group; no-op in one process
-    with _run_lock(run_dir):
-        if not resume and dist.is_main():  # a fresh run (or a start-over): forget the records of an earlier attempt
-            for name in ("metrics.jsonl", "incidents.jsonl"):
-                (run_dir / name).unlink(missing_ok=True)
+    with run_lock(run_dir):
+        start_run_dir(run_dir, resume, ("metrics.jsonl", "incidents.jsonl"))
         if dist.is_main():
             cfg.save(run_dir / "train_config.json")
-
-        pick_device(cfg.device)  # clear errors for an unavailable device or tensorboard, before any data work
-        if cfg.tensorboard:
+        if cfg.tensorboard:  # a clear error before any data work
             _summary_writer()
         if cfg.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

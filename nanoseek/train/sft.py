@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import functools
 import os
-import shutil
 from pathlib import Path
 from typing import Any, Callable
 
+from ..data import load_tokenizer
+from ..data.sft import build_sft_data, load_sft_data, read_sft_meta
 from ..errors import NanoseekError
-from .checkpoint import TOKENIZER_FILES, latest_checkpoint, read_trainer_state
+from ..tasks.coldstart import make_cold_start, write_jsonl
+from .checkpoint import install_tokenizer, latest_checkpoint, read_trainer_state
 from .pretrain import Trainer, run_stage
 
 STAGE = "sft"
@@ -47,9 +49,6 @@ def prepare_sft_data(cfg, run_dir: Path, fresh: bool, log: Callable = print,
     ``RUN_DIR/tokenizer``, run ``make_data(log)`` (writes generated data files named in ``cfg.data``)
     and pack ``cfg.data`` into ``RUN_DIR/data``. Otherwise read what a fresh start wrote.
     """
-    from ..data import load_tokenizer
-    from ..data.sft import build_sft_data, read_sft_meta
-
     tok_dir, data_dir = run_dir / "tokenizer", run_dir / "data"
     if not fresh:
         if not (tok_dir / "tokenizer.json").is_file():
@@ -68,14 +67,7 @@ def prepare_sft_data(cfg, run_dir: Path, fresh: bool, log: Callable = print,
         raise NanoseekError(f"{src} holds no tokenizer.json: SFT takes the tokenizer from the init checkpoint "
                             f"(or --tokenizer DIR)")
     tokenizer = load_tokenizer(src)
-    tmp = run_dir / "tokenizer.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copyfile(src / name, tmp / name)
-    shutil.rmtree(tok_dir, ignore_errors=True)
-    os.replace(tmp, tok_dir)
+    install_tokenizer(src, tok_dir)
     log(f"tokenizer: {src} ({tokenizer.vocab_size} ids)")
     if make_data is not None:
         make_data(log)
@@ -98,8 +90,6 @@ class SFTTrainer(Trainer):
         return prepare_sft_data(self.cfg, self.run_dir, fresh, self.log, self.make_data)
 
     def load_datasets(self):
-        from ..data.sft import load_sft_data
-
         train, val, meta = load_sft_data(self.data_dir, self.cfg.seq_len, self.tokenizer)
         self.log(f"sft data: {len(train)} train sequences ({train.n_target_tokens} target tokens), "
                  f"{0 if val is None else len(val)} val sequences")
@@ -111,8 +101,6 @@ def cold_start_maker(run_dir: Path, specs: list[str], n: int, seed: int,
     """``make_data`` that writes ``RUN_DIR/cold_start.jsonl`` (:func:`nanoseek.tasks.coldstart.make_cold_start`)."""
 
     def make(log: Callable) -> None:
-        from ..tasks.coldstart import make_cold_start, write_jsonl
-
         records = make_cold_start(specs, n, seed=seed, answer_only_fraction=answer_only)
         write_jsonl(records, run_dir / COLD_START_FILE)
         mix = f", {answer_only:.0%} of them answer-only" if answer_only else ""
@@ -163,8 +151,6 @@ def sft(out: str | os.PathLike, overrides: dict[str, Any], resume: bool = False,
     data = [str(p) for p in overrides.get("data") or []]
     makers = [make_data] if make_data is not None else []
     if cold:
-        from ..tasks.coldstart import make_cold_start
-
         seed = int(cold_seed if cold_seed is not None else overrides.get("seed", 0))
         make_cold_start(cold, 1, seed=seed, answer_only_fraction=cold_answer_only)  # check before any work
         data.insert(0, str(run_dir / COLD_START_FILE))
