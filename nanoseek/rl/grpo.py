@@ -83,15 +83,16 @@ from ..infer.engine import Engine
 from ..model import update_routing_bias
 from ..tasks import get_reward, get_task
 from ..tasks.evaluate import evaluate
+from ..train import distributed as dist
 from ..train.checkpoint import install_tokenizer, load_model, read_trainer_state
 from ..train.cost import CostMeter
 from ..train.faults import maybe_fault
 from ..train.optim import build_optimizer, train_top_layers
-from ..train.run import RunTrainer, finite, format_line, peak_memory_bytes, run_lock, start_run_dir
+from ..train.run import RunTrainer, finite, format_line, peak_memory_bytes, run_lock, silent, start_run_dir
 from .config import CONFIG_FILE, STAGE, GRPORunConfig, check_inputs, resolve_run_config
 from .guard import RLGuard
 from .objective import dynamic_sampling_mask, group_advantages, grpo_loss, zero_variance_fraction
-from .rollout import REWARD_ON_ERROR, Rollout, _mean, completion_logprobs, sample_rollout
+from .rollout import REWARD_ON_ERROR, Rollout, StepSamples, _mean, completion_logprobs, sample_rollout
 
 # ----------------------------------------------------------------------------- the trainer
 class GRPOTrainer(RunTrainer):
@@ -110,35 +111,48 @@ class GRPOTrainer(RunTrainer):
         self.objective = cfg.objective()
         self.task = get_task(cfg.task)
         self.reward_fn = get_reward(cfg.reward)
-        self.device = pick_device(cfg.device)
+        self.device = dist.local_device(pick_device(cfg.device))  # cuda:LOCAL_RANK etc. under torchrun
+        n_ranks = dist.world_size()
+        if cfg.prompts_per_step % n_ranks:
+            raise ConfigError(f"prompts_per_step {cfg.prompts_per_step} is the global count: it must divide "
+                              f"evenly over the {n_ranks} processes")
+        share = cfg.prompts_per_step // n_ranks
+        self.prompts = range(dist.rank() * share, (dist.rank() + 1) * share)  # this rank's problems of a step
         self.tok_dir = run_dir / "tokenizer"
         self.ckpt = self.pick_checkpoint() if resume else None  # the newest that verifies
         state = read_trainer_state(self.ckpt) if self.ckpt is not None else None
 
         if state is None:
-            install_tokenizer(cfg.init_from, self.tok_dir)
-            model, _ = load_with_tokenizer(cfg.init_from, str(self.device), "float32")
+            if dist.is_main():
+                install_tokenizer(cfg.init_from, self.tok_dir)
+            dist.barrier()
+            model, _ = load_with_tokenizer(cfg.init_from, "cpu", "float32")
         else:
-            model = load_model(self.ckpt, self.device, verify=False)  # verified by pick_checkpoint
+            model = load_model(self.ckpt, "cpu", verify=False)  # verified by pick_checkpoint
         self.tokenizer = load_tokenizer(self.tok_dir)
         try:
             check_vocab(self.tokenizer.vocab_size, model.config.vocab_size)
         except ValueError as exc:
             raise ConfigError(f"{cfg.init_from}: vocabulary mismatch: {exc}") from None
-        self.model = model.to(self.device).train()
         self.ref_model = None
         if self.objective.uses_kl:  # the frozen initial policy (beta = 0 keeps none)
             if state is None:
-                ref = copy.deepcopy(self.model)
+                ref = copy.deepcopy(model).to(self.device)
             else:
                 if not (Path(cfg.init_from) / "config.json").is_file():
                     raise NanoseekError(f"cannot resume: the reference policy {cfg.init_from} (init_from) is gone")
                 ref, _ = load_with_tokenizer(cfg.init_from, str(self.device), "float32")
             self.ref_model = ref.eval().requires_grad_(False)
         try:
-            self.n_trainable = train_top_layers(self.model, cfg.train_layers)
+            self.n_trainable = train_top_layers(model, cfg.train_layers)
         except ValueError as exc:
             raise ConfigError(f"{cfg.init_from}: {exc}") from None
+        # Sampling needs the full weights on every rank and runs a different number of forwards on
+        # each, so under FSDP2 it uses a plain copy refreshed after every update; in one process the
+        # engine samples from the trained model itself.
+        self.policy = copy.deepcopy(model).to(self.device).eval() if n_ranks > 1 else None
+        self.model = dist.parallelize(model, self.device).train()  # FSDP2 shards when distributed
+        self.policy = self.policy or self.model
         self.optimizer = build_optimizer(self.model, cfg, self.device, lr=self.lr_at(0))
         self.routers = self.model.moe_routers()
 
@@ -146,13 +160,15 @@ class GRPOTrainer(RunTrainer):
         self.n_usable = tok_vocab if tok_vocab < self.model.config.vocab_size else None
         max_seq = cfg.max_seq_len or min(self.model.config.max_position_embeddings, cfg.max_tokens + 1024)
         n = cfg.prompts_per_step * cfg.group_size
-        self.engine = Engine(self.model, self.tokenizer, max_slots=min(cfg.max_slots, n), max_seq_len=max_seq)
-        self.guard = RLGuard(cfg.guard, run_dir / "incidents.jsonl", log=log)
-        self.cost = CostMeter(run_dir, STAGE, self.device, price_per_device_hour=cfg.price_per_device_hour)
+        self.engine = Engine(self.policy, self.tokenizer, max_slots=min(cfg.max_slots, n), max_seq_len=max_seq)
+        self.guard = RLGuard(cfg.guard, run_dir / "incidents.jsonl" if dist.is_main() else None, log=log)
+        self.cost = CostMeter(run_dir, STAGE, self.device, n_devices=n_ranks,
+                              price_per_device_hour=cfg.price_per_device_hour)
         self.batch = 0  # prompts batches drawn so far: never rewound (a rollback moves on to new prompts)
         if state is not None:
             self.restore(self.ckpt, state)
-        log(f"grpo: device {self.device} ({device_name(self.device)}); policy {cfg.init_from} "
+            self.refresh_policy()
+        log(f"grpo: {n_ranks} process(es), device {self.device} ({device_name(self.device)}); policy {cfg.init_from} "
             f"({self.model.num_parameters() / 1e6:.2f}M parameters, {self.n_trainable / 1e6:.2f}M trained); "
             f"task {cfg.task}:{cfg.difficulty}, reward {cfg.reward}; {cfg.prompts_per_step} prompts x "
             f"{cfg.group_size} samples, max_tokens {cfg.max_tokens}, T={cfg.temperature}; {cfg.variant}: "
@@ -183,16 +199,22 @@ class GRPOTrainer(RunTrainer):
             self.log(f"guard: step {bad_step}: rollback requested but there is no checkpoint; keeping the step")
             return False
         self.guard.load_state_dict(state["guard"])
+        self.refresh_policy()
         self.log(f"guard: continuing with new prompts (batch {self.batch})")
         return True
+
+    def refresh_policy(self) -> None:
+        """Give the sampling copy the trained weights (distributed runs; collective)."""
+        if self.policy is not self.model:
+            dist.copy_full_weights(self.model, self.policy)
 
     # ------------------------------------------------------------------ rollout
     def rollout(self, batch: int) -> Rollout:
         """Sample batch ``batch`` with the current policy (eval mode while sampling)."""
-        self.model.eval()
+        self.policy.eval()
         try:
             return sample_rollout(self.engine, self.tokenizer, self.task, self.reward_fn, self.cfg.reward, self.cfg,
-                                  self.objective, batch)
+                                  self.objective, batch, self.prompts)
         finally:
             self.model.train()
 
@@ -213,47 +235,59 @@ class GRPOTrainer(RunTrainer):
     def _entropy_only(self, roll: Rollout, seqs: list[int]) -> tuple[float, int]:
         total, count = 0.0, 0
         for micro in self._micro_batches(seqs):
-            _, mask, ent, _ = self._forward(self.model, roll, micro, True)
+            _, mask, ent, _ = self._forward(self.policy, roll, micro, True)  # the plain copy: no collectives
             total += float(ent.sum())
             count += int(mask.sum())
         return total, count
 
     def update(self, roll: Rollout, step_index: int) -> dict:
-        """Advantages, dynamic sampling and the μ × minibatches optimizer steps of one GRPO step."""
+        """Advantages, dynamic sampling and the μ × minibatches optimizer steps of one GRPO step.
+
+        Distributed: each rank holds whole groups (its share of the prompts); every normaliser
+        (sequences and tokens per minibatch) is the global one and FSDP2 averages gradients over
+        ranks, so the update equals the one-process update up to float summation order. Ranks run
+        the same number of forwards (a rank short of micro-batches runs one at weight 0)."""
         cfg, obj = self.cfg, self.objective
-        g = obj.group_size
+        g, n_ranks = obj.group_size, dist.world_size()
         n_groups = len(roll.problems)
         adv = group_advantages(roll.rewards, g, scale_by_std=obj.scale_adv_by_std)
         keep = (dynamic_sampling_mask(roll.rewards, g) if obj.dynamic_sampling
                 else torch.ones(n_groups, dtype=torch.bool))
         kept = [i for i in range(n_groups) if bool(keep[i])]
         dropped = [i for i in range(n_groups) if not bool(keep[i])]
-        out: dict[str, Any] = {"groups_kept": len(kept), "groups_dropped": len(dropped)}
+        n_kept = sum(dist.gather_json(len(kept)))
+        out: dict[str, Any] = {"groups_kept": n_kept, "groups_dropped": len(roll.problems) * n_ranks - n_kept}
         lr = self.lr_at(step_index)
         out["lr"] = lr
-        ent_sum, ent_count = 0.0, 0
+        sums = torch.zeros(7, dtype=torch.float64)  # entropy, entropy tokens, kl, clip_low, clip_high, ratio, tokens
         if dropped:  # entropy covers every sampled completion, not only the ones trained on
-            s, c = self._entropy_only(roll, [i * g + j for i in dropped for j in range(g)])
-            ent_sum, ent_count = ent_sum + s, ent_count + c
-        if not kept:
-            out.update(update_skipped=True, entropy=ent_sum / ent_count if ent_count else None)
+            sums[0], sums[1] = self._entropy_only(roll, [i * g + j for i in dropped for j in range(g)])
+        if not n_kept:
+            sums = dist.all_reduce_sum(sums)
+            out.update(update_skipped=True, entropy=float(sums[0] / sums[1]) if sums[1] else None)
             return out
-        n_mb = min(cfg.minibatches, len(kept))
+        n_mb = min(cfg.minibatches, n_kept)
         bounds = [round(k * len(kept) / n_mb) for k in range(n_mb + 1)]
         minibatches = [[i * g + j for i in kept[bounds[k]:bounds[k + 1]] for j in range(g)] for k in range(n_mb)]
         ref_cache: dict[tuple, torch.Tensor] = {}
-        stat_sums = {"kl": 0.0, "clip_low": 0.0, "clip_high": 0.0, "ratio_mean": 0.0}
-        stat_tokens, losses, norms, skipped = 0, [], [], 0
+        losses, norms, skipped = [], [], 0
         for epoch in range(obj.mu):
             for mb in minibatches:
-                mb_tokens = sum(len(roll.completions[n].token_ids) for n in mb)
-                mb_loss = 0.0
+                micros = self._micro_batches(mb)
+                sizes = dist.gather_json([len(mb), sum(len(roll.completions[n].token_ids) for n in mb), len(micros)])
+                mb_seqs, mb_tokens = sum(s[0] for s in sizes), sum(s[1] for s in sizes)
+                micros += [None] * (max(s[2] for s in sizes) - len(micros))
+                mb_loss = torch.zeros((), dtype=torch.float64)
                 load = None
-                for micro in self._micro_batches(mb):
+                for micro in micros:
+                    if micro is None:  # keep the collectives of the ranks in step: a forward at weight 0
+                        logp, mask, _, _ = self._forward(self.model, roll, [0], False)
+                        (logp.sum() * 0.0).backward()
+                        continue
                     logp, mask, ent, micro_load = self._forward(self.model, roll, micro, epoch == 0)
                     if epoch == 0:
-                        ent_sum += float(ent.sum())
-                        ent_count += int(mask.sum())
+                        sums[0] += float(ent.sum())
+                        sums[1] += int(mask.sum())
                     old = torch.zeros(logp.shape, dtype=torch.float32)  # π_old: the engine's log-probs
                     for r, n in enumerate(micro):
                         lps = roll.completions[n].logprobs
@@ -270,23 +304,26 @@ class GRPOTrainer(RunTrainer):
                                             eps_low=obj.eps_low, eps_high=obj.eps_high,
                                             loss_mode=obj.loss_mode, max_len=obj.loss_max_len)
                     n_tok = int(mask.sum())
-                    weight = n_tok / mb_tokens if obj.loss_mode == "token_mean" else len(micro) / len(mb)
-                    (loss * weight).backward()
+                    weight = n_tok / mb_tokens if obj.loss_mode == "token_mean" else len(micro) / mb_seqs
+                    (loss * weight * n_ranks).backward()  # FSDP2 averages gradients over the ranks
                     mb_loss += float(loss.detach()) * weight
-                    for k in stat_sums:
-                        stat_sums[k] += float(stats[k]) * n_tok
-                    stat_tokens += n_tok
+                    for k, key in enumerate(("kl", "clip_low", "clip_high", "ratio_mean")):
+                        sums[2 + k] += float(stats[key]) * n_tok
+                    sums[6] += n_tok
                     if cfg.bias_update_speed > 0 and micro_load is not None:
                         load = micro_load if load is None else load + micro_load
+                mb_loss = float(dist.all_reduce_sum(mb_loss))
                 max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-                norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+                norm = float(dist.clip_grad_norm_(self.model.parameters(), max_norm))  # the global norm
                 if math.isfinite(norm) and math.isfinite(mb_loss):
                     for group in self.optimizer.param_groups:
                         group["lr"] = lr
                     self.optimizer.step()
+                    load = dist.all_reduce_sum(load)
                     if cfg.bias_update_speed > 0 and load is not None:
                         for router, layer_load in zip(self.routers, load):
                             update_routing_bias(router, layer_load, cfg.bias_update_speed)
+                    self.refresh_policy()
                 else:
                     skipped += 1
                     self.log(f"warning: step {step_index + 1}: non-finite loss/grad norm ({mb_loss}, {norm}); "
@@ -294,19 +331,20 @@ class GRPOTrainer(RunTrainer):
                 self.optimizer.zero_grad(set_to_none=True)
                 losses.append(mb_loss)
                 norms.append(norm)
+        sums = dist.all_reduce_sum(sums)
         out.update(update_skipped=False, optimizer_steps=len(losses) - skipped, loss=finite(_mean(losses)),
-                   grad_norm=finite(max(norms)), entropy=ent_sum / ent_count if ent_count else None)
-        for k, v in stat_sums.items():
-            out[k] = v / max(stat_tokens, 1)
+                   grad_norm=finite(max(norms)), entropy=float(sums[0] / sums[1]) if sums[1] else None)
+        for k, key in enumerate(("kl", "clip_low", "clip_high", "ratio_mean")):
+            out[key] = float(sums[2 + k] / max(float(sums[6]), 1.0))
         if self.ref_model is None:
             out["kl"] = None
         return out
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict:
-        """Held-out accuracy, format rate and answer length of the current policy."""
+        """Held-out accuracy, format rate and answer length of the current policy (rank 0 evaluates)."""
         cfg = self.cfg
-        self.model.eval()
+        self.policy.eval()
         try:
             res = evaluate(self.engine, self.tokenizer, self.task, n_problems=cfg.eval_n, difficulty=cfg.difficulty,
                            max_tokens=cfg.eval_max_tokens or cfg.max_tokens, seed=cfg.seed)
@@ -316,25 +354,22 @@ class GRPOTrainer(RunTrainer):
                 "eval_response_length": res.mean_length}
 
     # ------------------------------------------------------------------ the loop
-    def _record(self, step: int, action: str, roll: Rollout, upd: dict, t_step: float) -> dict:
+    def _record(self, step: int, action: str, roll: Rollout, seen: StepSamples, upd: dict, t_step: float) -> dict:
         obj = self.objective
-        lengths = roll.lengths
-        n = len(lengths)
-        gen_tokens = sum(lengths)
+        n = seen.n
+        gen_tokens = sum(seen.lengths)
         rec: dict[str, Any] = {
             "stage": STAGE, "step": step, "action": action, "batch": roll.batch,
-            "reward": float(roll.rewards.mean()), "reward_std": float(roll.rewards.std()) if n > 1 else 0.0,
-            "accuracy": roll.accuracy, "format_rate": roll.format_rate,
-            "response_length": gen_tokens / n, "response_length_max": max(lengths),
-            "truncation_rate": sum(c.finish_reason == "length" for c in roll.completions) / n,
-            "zero_variance_frac": float(zero_variance_fraction(roll.rewards, obj.group_size)),
+            "reward": float(seen.rewards.mean()), "reward_std": float(seen.rewards.std()) if n > 1 else 0.0,
+            **seen.signals(), "response_length_max": max(seen.lengths),
+            "zero_variance_frac": float(zero_variance_fraction(seen.rewards, obj.group_size)),
             "groups_kept": upd["groups_kept"], "groups_dropped": upd["groups_dropped"],
             "update_skipped": upd["update_skipped"], "kl": finite(upd.get("kl")),
             "clip_low": upd.get("clip_low"), "clip_high": upd.get("clip_high"),
             "ratio_mean": upd.get("ratio_mean"), "entropy": finite(upd.get("entropy")),
             "loss": upd.get("loss"), "grad_norm": upd.get("grad_norm"), "lr": upd["lr"],
-            "repetition_frac": self.guard.last_repetition, "reward_none": roll.reward_none,
-            "reward_errors": len(roll.reward_errors),
+            "repetition_frac": self.guard.last_repetition, "reward_none": seen.reward_none,
+            "reward_errors": len(seen.reward_errors),
             "samples": n, "tokens": gen_tokens,
             "samples_per_s": n / t_step if t_step > 0 else None,
             "tokens_per_s": gen_tokens / t_step if t_step > 0 else None,
@@ -345,6 +380,9 @@ class GRPOTrainer(RunTrainer):
         return rec
 
     def _write_samples(self, step: int, roll: Rollout) -> None:
+        """A few (prompt, completion, reward) of this rank's share (rank 0: the step's first prompts)."""
+        if not dist.is_main():
+            return
         g = self.objective.group_size
         with open(self.samples_path, "a", encoding="utf-8") as fh:
             for i in range(min(self.cfg.samples_per_log, len(roll.problems))):
@@ -365,38 +403,33 @@ class GRPOTrainer(RunTrainer):
                 maybe_fault("kill_at_step", step_no)  # TEST-ONLY (see nanoseek.train.faults)
                 t0 = time.perf_counter()
                 roll = self.rollout(self.batch)
+                seen = StepSamples.gather(roll, dist.gather_json)  # every rank's samples, for metrics and guard
                 self.batch += 1
-                if roll.reward_errors:
-                    self.guard.note_reward_errors(step_no, roll.reward_errors, len(roll.completions),
-                                                  REWARD_ON_ERROR)
+                if seen.reward_errors:
+                    self.guard.note_reward_errors(step_no, seen.reward_errors, seen.n, REWARD_ON_ERROR)
                 upd = self.update(roll, self.step)
-                n_samples = len(roll.completions)
-                self.cost.add_samples(n_samples)
-                self.cost.add_tokens(sum(len(roll.prompt_ids[i // self.objective.group_size]) + len(c.token_ids)
-                                         for i, c in enumerate(roll.completions)))
+                self.cost.add_samples(seen.n)
+                self.cost.add_tokens(seen.tokens_processed)
                 t_step = time.perf_counter() - t0
-                signals = {"accuracy": roll.accuracy, "format_rate": roll.format_rate,
-                           "response_length": sum(roll.lengths) / n_samples,
-                           "truncation_rate": sum(c.finish_reason == "length" for c in roll.completions) / n_samples,
-                           "kl": upd.get("kl"), "entropy": upd.get("entropy")}
-                decision = self.guard.check(step_no, signals, [c.token_ids for c in roll.completions])
+                signals = {**seen.signals(), "kl": upd.get("kl"), "entropy": upd.get("entropy")}
+                decision = self.guard.check(step_no, signals, seen.token_ids)
                 action = decision.action
                 if action == "rollback":
                     # the offending step's record first: the rollback may stop the run (max_rollbacks)
-                    self.write_record(metrics, self._record(step_no, action, roll, upd, t_step))
+                    self.write_record(metrics, self._record(step_no, action, roll, seen, upd, t_step))
                     if self.rollback(step_no):
                         bar.n = self.step
                         bar.refresh()
                         continue
                 self.guard.accept(signals)
                 self.step += 1
-                rec = self._record(self.step, action, roll, upd, t_step)
+                rec = self._record(self.step, action, roll, seen, upd, t_step)
                 if upd["update_skipped"]:
-                    say(f"step {self.step}: all {len(roll.problems)} groups have zero reward variance: "
-                        f"update skipped")
+                    say(f"step {self.step}: all {upd['groups_kept'] + upd['groups_dropped']} groups have zero "
+                        f"reward variance: update skipped")
                 elif upd["groups_dropped"]:
                     rec["note"] = f"dynamic sampling dropped {upd['groups_dropped']} zero-variance groups"
-                if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
+                if cfg.eval_every and dist.is_main() and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
                     last_eval = self.evaluate()
                     rec.update(last_eval)
                 if self.step == 1 or self.step % cfg.samples_every == 0 or self.step == cfg.steps:
@@ -429,11 +462,15 @@ def grpo(out: str | os.PathLike, *, resume: bool = False, log: Callable = print,
     ``variant`` "grpo" | "dapo" | "dr_grpo"). Returns a summary dict (step, final, run_dir, report,
     eval_accuracy, incidents)."""
     run_dir = Path(out).expanduser().resolve()
+    if not dist.launched_main():  # under torchrun only rank 0 speaks (and writes files)
+        log = silent
     cfg = resolve_run_config(run_dir, fields, resume, log)
     check_inputs(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
+    dist.init_distributed(pick_device(cfg.device))  # torchrun: join the process group; no-op in one process
     with run_lock(run_dir):
         start_run_dir(run_dir, resume, ("metrics.jsonl", "samples.jsonl", "incidents.jsonl"))
-        cfg.save(run_dir / CONFIG_FILE)
+        if dist.is_main():
+            cfg.save(run_dir / CONFIG_FILE)
         trainer = GRPOTrainer(cfg, run_dir, resume, log)
         return trainer.train()

@@ -116,12 +116,22 @@ class Rollout:
     prompt_ids: list[list[int]]  # per problem
     completions: list  # [P·G] Completion
     rewards: torch.Tensor  # [P·G] float32 (shaped: task reward + overlong penalty)
-    accuracy: float | None
-    format_rate: float
+    accuracies: list[float]  # the accuracy check of each completion it could judge
+    formats: list[float]  # the format check of each completion
     reward_none: int
     seconds: float
     #: one entry per completion whose reward raised: index, check, error type, message, completion start
     reward_errors: list[dict] = field(default_factory=list)
+
+    @property
+    def accuracy(self) -> float | None:
+        """Mean accuracy check over the completions it could judge."""
+        return _mean(self.accuracies)
+
+    @property
+    def format_rate(self) -> float | None:
+        """Mean format check."""
+        return _mean(self.formats)
 
     @property
     def lengths(self) -> list[int]:
@@ -189,7 +199,7 @@ def sample_rollout(engine, tokenizer, task, reward_fn, reward_name: str, cfg, ob
     if objective.overlong_max_len is not None:
         lengths = torch.tensor([len(c.token_ids) for c in completions])
         rewards_t = rewards_t + overlong_penalty(lengths, objective.overlong_max_len, objective.overlong_cache_len)
-    return Rollout(batch, problems, texts, ids, completions, rewards_t, _mean(accs), _mean(fmts), none,
+    return Rollout(batch, problems, texts, ids, completions, rewards_t, accs, fmts, none,
                    time.perf_counter() - t0, errors)
 
 
@@ -202,3 +212,45 @@ def _error_record(index: int, failure: tuple[str, Exception], completion: str) -
         message = "(no message)"
     return {"index": index, "check": what, "error": type(exc).__name__, "message": message,
             "completion": completion[:_ERROR_TEXT_CHARS]}
+
+
+@dataclass
+class StepSamples:
+    """What every rank sampled in one step, gathered in global prompt order (in one process: the
+    rollout itself). Every rank holds the same, so metrics and guard decisions agree."""
+
+    rewards: torch.Tensor  # [P·G]
+    accuracies: list[float]
+    formats: list[float]
+    lengths: list[int]
+    truncated: int  # completions that hit max_tokens
+    token_ids: list[list[int]]
+    reward_none: int
+    reward_errors: list[dict]
+    tokens_processed: int  # prompt + completion tokens of every sample (what the update's forward reads)
+
+    @classmethod
+    def gather(cls, roll: Rollout, gather: Callable[[dict], list[dict]]) -> "StepSamples":
+        """Merge ``roll`` of every rank; ``gather`` returns one dict per rank, in rank order."""
+        g = len(roll.completions) // max(len(roll.problems), 1)
+        local = {"rewards": roll.rewards.tolist(), "accuracies": roll.accuracies, "formats": roll.formats,
+                 "lengths": roll.lengths, "truncated": sum(c.finish_reason == "length" for c in roll.completions),
+                 "token_ids": [list(c.token_ids) for c in roll.completions], "reward_none": roll.reward_none,
+                 "reward_errors": roll.reward_errors,
+                 "tokens_processed": sum(len(roll.prompt_ids[i // g]) + len(c.token_ids)
+                                         for i, c in enumerate(roll.completions))}
+        parts = gather(local)
+        return cls(rewards=torch.tensor([r for p in parts for r in p["rewards"]], dtype=torch.float32),
+                   **{k: [x for p in parts for x in p[k]] for k in ("accuracies", "formats", "lengths", "token_ids",
+                                                                     "reward_errors")},
+                   **{k: sum(p[k] for p in parts) for k in ("truncated", "reward_none", "tokens_processed")})
+
+    @property
+    def n(self) -> int:
+        """Completions sampled in the step, all ranks."""
+        return len(self.lengths)
+
+    def signals(self) -> dict:
+        """The rollout signals the RL guard watches."""
+        return {"accuracy": _mean(self.accuracies), "format_rate": _mean(self.formats),
+                "response_length": sum(self.lengths) / self.n, "truncation_rate": self.truncated / self.n}

@@ -27,8 +27,10 @@ import atexit
 import contextlib
 import datetime
 import hashlib
+import json
 import os
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -159,6 +161,22 @@ def all_reduce_sum(x: torch.Tensor | None) -> torch.Tensor | None:
     return y
 
 
+def gather_json(obj: Any) -> list[Any]:
+    """``obj`` (JSON-serialisable) of every rank, in rank order (``[obj]`` in a single process).
+    Sent as JSON bytes, never pickled."""
+    if world_size() == 1:
+        return [obj]
+    data = torch.frombuffer(bytearray(json.dumps(obj).encode("utf-8")), dtype=torch.uint8)
+    sizes = [torch.zeros(1, dtype=torch.long) for _ in range(world_size())]
+    torch.distributed.all_gather(sizes, torch.tensor([data.numel()]))
+    width = int(max(int(n) for n in sizes))
+    padded = torch.zeros(width, dtype=torch.uint8)
+    padded[: data.numel()] = data
+    chunks = [torch.zeros(width, dtype=torch.uint8) for _ in range(world_size())]
+    torch.distributed.all_gather(chunks, padded)
+    return [json.loads(bytes(c[: int(n)].tolist()).decode("utf-8")) for c, n in zip(chunks, sizes)]
+
+
 def barrier() -> None:
     """Wait for every rank (a no-op in a single process)."""
     if world_size() > 1:
@@ -274,6 +292,19 @@ def parallelize(model: nn.Module, device: torch.device) -> nn.Module:
         fully_shard(unit, **kwargs)
     fully_shard(model, **kwargs)
     return model
+
+
+@torch.no_grad()
+def copy_full_weights(src: nn.Module, dst: nn.Module) -> None:
+    """Copy the parameters and buffers of ``src`` (FSDP2-sharded or plain) into the plain, unsharded
+    ``dst`` of the same architecture: every rank gets the full weights (collective when sharded;
+    every rank must call it)."""
+    DTensor = _dtensor_type()
+    targets = dict(dst.named_parameters())
+    targets.update(dst.named_buffers())
+    for name, tensor in [*src.named_parameters(), *src.named_buffers()]:
+        full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+        targets[name].copy_(full)
 
 
 def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
