@@ -15,14 +15,6 @@ from pathlib import Path
 
 from .errors import NanoseekError
 
-# Commands whose implementation has not landed yet, with the issue that tracks each.
-COMING_SOON: dict[str, int] = {}
-
-
-def _coming_soon(name: str) -> str:
-    return f"nanoseek {name}: coming soon — tracked in issue {COMING_SOON[name]}"
-
-
 # --------------------------------------------------------------------------- handlers
 def _config_from_args(args: argparse.Namespace):
     from .config import ModelConfig, get_preset
@@ -60,13 +52,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_tokenizer(argv: list[str]) -> int:
     """Everything after ``tokenizer`` goes to the tokenizer tool, which has its own parser."""
-    try:
-        from .data.tokenizer import tokenizer_main
-    except ModuleNotFoundError as exc:
-        if not (exc.name or "").startswith("nanoseek.data"):
-            raise
-        raise NanoseekError("the tokenizer tools are not available yet (nanoseek.data.tokenizer "
-                            "is missing)") from None
+    from .data.tokenizer import tokenizer_main
+
     return int(tokenizer_main(argv) or 0)
 
 
@@ -88,60 +75,6 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-PRETRAIN_FIELDS = ("preset", "config", "init_from", "data", "tokenizer", "vocab_size", "text_field", "max_steps",
-                   "batch_size", "grad_accum", "seq_len", "lr", "min_lr", "warmup_steps", "checkpoint_every",
-                   "keep_last", "eval_every", "eval_batches", "log_every", "seed", "device", "compile",
-                   "activation_checkpointing", "deterministic", "fp8", "fp8_ue8m0", "tensorboard", "peak_tflops")
-
-
-def cmd_pretrain(args: argparse.Namespace) -> int:
-    from .train.pretrain import pretrain
-
-    from .train.sft_cli import training_overrides
-
-    pretrain(args.out, training_overrides(args, PRETRAIN_FIELDS), resume=args.resume)
-    return 0
-
-
-def _add_pretrain_parser(sub) -> None:
-    from .train.sft_cli import add_bookkeeping_and_guard_arguments
-
-    p = sub.add_parser("pretrain", help="pre-train a model from scratch (tokenizer, shards, guarded training loop)",
-                       description="Pre-train a DeepSeek-V3-architecture model on text files. Unset options "
-                                   "take the TrainConfig defaults (or, with --resume, the run's own values).")
-    source = p.add_mutually_exclusive_group()
-    source.add_argument("--preset", help="model preset: tiny, small (default), bench or v3")
-    source.add_argument("--config", help="a model config.json (its vocab_size must cover the tokenizer)")
-    source.add_argument("--init-from", help="a checkpoint directory to continue pretraining from")
-    p.add_argument("--data", nargs="+", help="txt/jsonl/parquet files, directories or globs, or a shard "
-                                             "directory (with manifest.json) to reuse")
-    p.add_argument("--tokenizer", help="tokenizer directory (default: train one on --data)")
-    p.add_argument("--vocab-size", type=int, help="size of the tokenizer to train (default: the model's)")
-    p.add_argument("--text-field", help="jsonl field / parquet column holding the text (default: text)")
-    p.add_argument("--out", required=True, help="run directory (checkpoints, metrics, report)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
-    g = p.add_argument_group("training")
-    g.add_argument("--max-steps", type=int)
-    g.add_argument("--batch-size", type=int, help="sequences per micro-batch")
-    g.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
-    g.add_argument("--seq-len", type=int)
-    g.add_argument("--lr", type=float, help="peak learning rate (default 3e-4)")
-    g.add_argument("--min-lr", type=float, help="final learning rate of the cosine decay (default lr/10)")
-    g.add_argument("--warmup-steps", type=int)
-    g.add_argument("--seed", type=int)
-    g.add_argument("--device", help="auto, cuda, xpu, npu, mps or cpu")
-    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
-    g.add_argument("--fp8", action="store_true", default=None,
-                   help="block-wise FP8 GEMMs (V3 report 3.3; pure-torch emulation for now, slower than bf16)")
-    g.add_argument("--fp8-ue8m0", action="store_true", default=None, help="power-of-two FP8 scales")
-    g.add_argument("--activation-checkpointing", action="store_true", default=None,
-                   help="recompute block activations in backward to save memory")
-    g.add_argument("--deterministic", action="store_true", default=None,
-                   help="deterministic kernels on accelerators (slower; CPU runs are deterministic anyway)")
-    add_bookkeeping_and_guard_arguments(p)
-    p.set_defaults(handler=cmd_pretrain)
-
-
 def _lazy_handler(module: str, func: str) -> Callable[[argparse.Namespace], int]:
     """A handler that imports ``nanoseek.<module>`` only when its command runs (fast ``--help``)."""
 
@@ -151,14 +84,6 @@ def _lazy_handler(module: str, func: str) -> Callable[[argparse.Namespace], int]
         return getattr(importlib.import_module(f"{__package__}.{module}"), func)(args)
 
     return run
-
-
-def _stub(name: str) -> Callable[[argparse.Namespace], int]:
-    def handler(args: argparse.Namespace) -> int:
-        print(_coming_soon(name), file=sys.stderr)
-        return 2
-
-    return handler
 
 
 # --------------------------------------------------------------------------- parser
@@ -202,17 +127,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "preset's, 0.6); 0 trains only on worked solutions")
     p.set_defaults(handler=cmd_speedrun)
 
-    helps = {
-        "pretrain": "pre-train a model from scratch", "sft": "supervised fine-tuning / cold start",
-        "grpo": "GRPO reasoning RL with rule-based rewards", "distill": "distil a teacher into a student",
-        "eval": "evaluate on verifiable tasks", "generate": "generate text from a checkpoint",
-        "serve": "HTTP server", "chat": "interactive chat", "report": "cost and quality report card",
-    }
     p = sub.add_parser("report", help="cost and quality report card (report.md + plots) of a run directory")
     p.add_argument("run_dir", type=Path, help="the run directory (holds metrics.jsonl)")
     p.set_defaults(handler=cmd_report)
 
-    _add_pretrain_parser(sub)
+    from .train.cli import add_distill_arguments, add_pretrain_arguments, add_sft_arguments
+
+    p = sub.add_parser("pretrain", help="pre-train a model from scratch (tokenizer, shards, guarded training loop)",
+                       description="Pre-train a DeepSeek-V3-architecture model on text files. Unset options "
+                                   "take the TrainConfig defaults (or, with --resume, the run's own values).")
+    add_pretrain_arguments(p)
+    p.set_defaults(handler=_lazy_handler("train.cli", "pretrain_main"))
     from .infer.cli import add_chat_arguments, add_generate_arguments, add_serve_arguments
     from .tasks.cli import add_eval_arguments
 
@@ -235,22 +160,17 @@ def build_parser() -> argparse.ArgumentParser:
                                    "options take the GRPORunConfig defaults (or, with --resume, the run's own).")
     add_grpo_arguments(p)
     p.set_defaults(handler=_lazy_handler("rl.cli", "grpo_main"))
-    from .train.sft_cli import add_distill_arguments, add_sft_arguments
-
     p = sub.add_parser("sft", help="supervised fine-tuning / cold start on chat JSONL (assistant tokens only)",
                        description="SFT from a checkpoint on chat JSONL files and/or a generated cold-start set "
                                    "(R1 cold start), on the pretraining loop: same checkpoints, guard, cost, "
                                    "metrics and report; the model ends in OUT/final.")
     add_sft_arguments(p)
-    p.set_defaults(handler=_lazy_handler("train.sft_cli", "sft_main"))
+    p.set_defaults(handler=_lazy_handler("train.cli", "sft_main"))
     p = sub.add_parser("distill", help="distil a teacher into a student: rejection sampling + SFT (R1)",
                        description="Sample a teacher on a task's training problems, keep only verified, "
                                    "well-formed, distinct completions, then SFT a student on them.")
     add_distill_arguments(p)
-    p.set_defaults(handler=_lazy_handler("train.sft_cli", "distill_main"))
-    for name in COMING_SOON:  # commands not built yet answer with their issue
-        p = sub.add_parser(name, help=f"{helps.get(name, name)} (coming soon, issue {COMING_SOON[name]})")
-        p.set_defaults(handler=_stub(name), accepts_any=True)
+    p.set_defaults(handler=_lazy_handler("train.cli", "distill_main"))
     return parser
 
 
@@ -260,9 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if argv and argv[0] == "tokenizer":
             return cmd_tokenizer(argv[1:])
         parser = build_parser()
-        args, unknown = parser.parse_known_args(argv)
-        if unknown and not getattr(args, "accepts_any", False):
-            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args = parser.parse_args(argv)
         return args.handler(args)
     except NanoseekError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from nanoseek.errors import ConfigError
+from nanoseek.rl.config import GRPOConfig
 from nanoseek.rl.objective import (
-    GRPOConfig,
     aggregate,
     clipped_surrogate,
     dynamic_sampling_mask,

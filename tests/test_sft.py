@@ -232,6 +232,7 @@ def test_sft_run_learns_writes_final_and_resumes(init_ckpt, tmp_path, capsys):
     assert (run / "cold_start.jsonl").is_file() and (run / "report.md").is_file()
     cfg = json.loads((run / "train_config.json").read_text())
     assert cfg["init_from"] == str(init_ckpt) and cfg["data"] == [str(run.resolve() / "cold_start.jsonl")]
+    assert (cfg["cold_start"], cfg["cold_start_n"], cfg["lr"]) == (["arithmetic:1"], 48, 3e-3)  # all it ran with
     # the last checkpoint's model and RUN_DIR/final: the same self-contained model with the init tokenizer
     final = run / "final"
     assert Path(result["final"]) == final.resolve()
@@ -257,7 +258,7 @@ def test_sft_input_errors(init_ckpt, tmp_path, capsys):
     assert "positive integer" in capsys.readouterr().err
     assert main(["sft", "--init-from", str(init_ckpt), "--cold-start", "arithmetic", "--cold-start-answer-only",
                  "2", "--out", str(tmp_path / "d")]) == 2
-    assert "answer_only_fraction must lie in [0, 1], got 2.0" in capsys.readouterr().err
+    assert "cold_start_answer_only must be <= 1, got 2.0" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "x"}]}\n')

@@ -1,178 +1,251 @@
-"""The settings of a GRPO run (:class:`GRPORunConfig`, stored as ``RUN_DIR/grpo_config.json``), how a
-fresh run builds them and a resumed one reads them back, and the checks before any work starts."""
+"""The settings of a GRPO run, each declared once (:mod:`nanoseek.settings`): the objective
+(:class:`GRPOConfig`: GRPO and its DAPO / Dr. GRPO variants), the RL guard (:class:`RLGuardConfig`,
+the detectors are in :mod:`nanoseek.rl.guard`) and the run (:class:`GRPORunConfig`, stored as
+``RUN_DIR/grpo_config.json``). No torch here: the CLI derives its flags from these classes.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any
 
-from ..errors import ConfigError, NanoseekError
-from ..tasks import get_reward, get_task
-from ..tasks.coldstart import parse_task_spec as parse_spec
-from ..train.checkpoint import checkpoint_step, latest_checkpoint, list_checkpoints
-from ..train.config import merge_resume_settings
-from ..train.run import absolute_path
-from .guard import RLGuardConfig
-from .objective import GRPOConfig
+from ..errors import ConfigError
+from ..settings import Settings, resumable, setting
+from ..tasks.base import parse_task_spec
 
 STAGE = "grpo"
 CONFIG_FILE = "grpo_config.json"
-OBJECTIVE_FIELDS = tuple(f.name for f in dataclasses.fields(GRPOConfig))
 VARIANTS = ("grpo", "dapo", "dr_grpo")
-# Settings a resumed run may change: none alters the steps already taken.
-RESUME_CHANGEABLE = frozenset({
-    "steps", "checkpoint_every", "keep_last", "eval_every", "eval_n", "eval_max_tokens", "samples_every",
-    "samples_per_log", "device", "price_per_device_hour", "guard", "report", "max_slots",
-})
+LOSS_MODES = ("sequence_mean", "token_mean", "constant")
+RL_POLICIES = ("warn", "rollback")
+POLICY_FIELDS = ("on_hacking", "on_length", "on_kl", "on_entropy", "on_repetition")
 
 
+# --------------------------------------------------------------------------- the objective
 @dataclass
-class GRPORunConfig:
+class GRPOConfig(Settings):
+    """Hyper-parameters of the GRPO objective (plus the sampling knobs it depends on).
+
+    Defaults are plain GRPO as in DeepSeekMath §4.1 / R1 §2.2.1:
+
+    - ``group_size`` G = 8 completions per prompt (DeepSeekMath used 64, R1 16; 8 fits small runs).
+    - ``beta`` = 0.04: DeepSeekMath's GRPO value. R1 used 0.001 on a 671B model with long runs; at
+      nanoseek's scale a small model drifts quickly from its reference, and the stronger anchor is
+      the safer default. It is a field: set 0.001 to follow R1, 0 to drop the reference model.
+    - ``eps_low`` = ``eps_high`` = 0.2: the symmetric PPO clip. ``loss_mode`` "sequence_mean".
+    - ``scale_adv_by_std`` True: Â = (r − mean)/std with the unbiased std (see
+      :func:`~nanoseek.rl.objective.group_advantages`).
+    - ``dynamic_sampling``: drop zero-variance groups (DAPO). ``overlong_max_len`` /
+      ``overlong_cache_len``: DAPO soft overlong penalty, both set or both None.
+    - ``loss_max_len``: the constant divisor of loss mode "constant" (Dr. GRPO) — the generation
+      budget (max new tokens); required in that mode.
+    - ``mu``: policy updates per batch of samples (μ in DeepSeekMath Alg. 1). With μ = 1 the
+      samples are on-policy and ρ ≡ 1. ``temperature``: sampling temperature; log-probs for the
+      ratio must use the same temperature.
+    """
+
+    group_size: int = setting(8, "G samples per problem (advantages compare samples of one problem)", min=2)
+    beta: float = setting(0.04, "KL weight (0 keeps no reference model)", min=0)
+    eps_low: float = setting(0.2, "lower clip: the ratio floor is 1 - eps_low", min=0)
+    eps_high: float = setting(0.2, "upper clip (DAPO 0.28)", min=0)
+    loss_mode: str = setting("sequence_mean", "sequence_mean (GRPO), token_mean (DAPO) or constant (Dr. GRPO)",
+                             choices=LOSS_MODES)
+    scale_adv_by_std: bool = setting(True, "advantages (r - mean) / std; --no-std-scaling: r - mean (Dr. GRPO)",
+                                     flag="--std-scaling")
+    dynamic_sampling: bool = setting(False, "drop groups whose rewards are all equal (DAPO)")
+    overlong_max_len: int | None = setting(None, "DAPO overlong reward shaping: L_max", min=1)
+    overlong_cache_len: int | None = setting(None, "DAPO overlong reward shaping: L_cache", min=1)
+    loss_max_len: int | None = setting(None, "normaliser of loss mode 'constant' (unset: --max-tokens)", min=1)
+    mu: int = setting(1, "policy updates per batch of samples", min=1)
+    temperature: float = setting(1.0, "sampling temperature", min=0, min_inclusive=False)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Each field's range (declared with it), then the checks across fields."""
+        self.check_settings()
+
+        def bad(msg: str) -> None:
+            raise ConfigError(f"GRPOConfig: {msg}")
+
+        if self.eps_low >= 1.0:
+            bad(f"eps_low must be in [0, 1) (the ratio floor is 1 - eps_low), got {self.eps_low!r}")
+        if self.loss_mode == "constant" and self.loss_max_len is None:
+            bad('loss_mode "constant" (Dr. GRPO) needs loss_max_len, the generation budget')
+        if (self.overlong_max_len is None) != (self.overlong_cache_len is None):
+            bad("overlong_max_len and overlong_cache_len must be set together (or both None)")
+        if self.overlong_max_len is not None and self.overlong_cache_len > self.overlong_max_len:
+            bad(f"need 0 < overlong_cache_len <= overlong_max_len, got "
+                f"{self.overlong_cache_len} and {self.overlong_max_len}")
+
+    @property
+    def uses_kl(self) -> bool:
+        """Whether a reference model is needed (beta > 0)."""
+        return self.beta > 0
+
+    def objective(self) -> "GRPOConfig":
+        """The objective fields alone (what :func:`~nanoseek.rl.objective.grpo_loss` and friends read)."""
+        return GRPOConfig(**{name: getattr(self, name) for name in OBJECTIVE_FIELDS})
+
+    def with_(self, **changes: Any) -> "GRPOConfig":
+        """A checked copy with some fields changed (an unknown field is a :class:`ConfigError`)."""
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ConfigError(f"{type(self).__name__}: unknown field(s) {unknown}")
+        return self.replace(**changes)
+
+    @classmethod
+    def dapo(cls, **overrides: Any) -> "GRPOConfig":
+        """DAPO (arXiv 2503.14476): clip-higher ε_low 0.2 / ε_high 0.28, dynamic sampling, token-level
+        loss, no KL term (beta 0, as in the paper). Overlong shaping stays off unless
+        ``overlong_max_len`` / ``overlong_cache_len`` are given (DAPO used 20480 / 4096 — tie them to
+        your generation budget)."""
+        return GRPOConfig(**{**dict(eps_low=0.2, eps_high=0.28, dynamic_sampling=True, loss_mode="token_mean",
+                                    beta=0.0), **overrides})
+
+    @classmethod
+    def dr_grpo(cls, loss_max_len: int, **overrides: Any) -> "GRPOConfig":
+        """Dr. GRPO (arXiv 2503.20783): Â = r − mean(r) (no std), each response's token sum divided
+        by the constant ``loss_max_len`` (the generation budget), no KL term (beta 0)."""
+        return GRPOConfig(**{**dict(scale_adv_by_std=False, loss_mode="constant", loss_max_len=loss_max_len,
+                                    beta=0.0), **overrides})
+
+
+OBJECTIVE_FIELDS = tuple(f.name for f in dataclasses.fields(GRPOConfig))
+
+
+# --------------------------------------------------------------------------- the RL guard
+@dataclass
+class RLGuardConfig(Settings):
+    """Thresholds and responses of the RL guard (the detectors and why each default is what it is:
+    :mod:`nanoseek.rl.guard`)."""
+
+    window: int = setting(20, "steps in the moving windows", min=2, cli=False)
+    min_history: int = setting(5, "steps before the detectors start", min=2, cli=False)
+    hacking_format_rise: float = setting(0.2, "fitted format-rate rise that, with an accuracy drop, is hacking",
+                                         min=0, min_inclusive=False, cli=False)
+    hacking_accuracy_drop: float = setting(0.1, "fitted accuracy drop of reward hacking", min=0,
+                                           min_inclusive=False, cli=False)
+    hacking_min_t: float = setting(4.0, "t-statistic both trends need", min=0, cli=False)
+    hacking_min_history: int = setting(10, "steps before the hacking detector starts (capped at window)", min=2,
+                                       cli=False)
+    length_zscore: float = setting(6.0, "robust z-score of the mean length that is an explosion", min=0,
+                                   min_inclusive=False, cli=False)
+    length_min_ratio: float = setting(1.5, "the length must also grow by this factor", min=1, cli=False)
+    truncation_fraction: float = setting(0.5, "share of completions hitting max_tokens that is an explosion",
+                                         min=0, max=1, min_inclusive=False, cli=False)
+    kl_max: float = setting(1.0, "KL to the reference above this is a blow-up", min=0, min_inclusive=False,
+                            cli=False)
+    kl_min: float = setting(0.05, "KL below this is never a blow-up", min=0, cli=False)
+    kl_zscore: float = setting(8.0, "robust z-score of the KL that is a blow-up", min=0, min_inclusive=False,
+                               cli=False)
+    kl_jump_ratio: float = setting(2.0, "a blow-up must also jump by this factor over the last step", min=1,
+                                   cli=False)
+    entropy_floor: float = setting(0.03, "entropy (nats/token) below this is a collapse", min=0, cli=False)
+    entropy_drop_ratio: float = setting(0.5, "entropy below this x its median is a collapse", min=0, max=0.999999,
+                                        min_inclusive=False, cli=False)
+    repeat_coverage: float = setting(0.5, "share of a completion covered by one repeated n-gram", min=0, max=1,
+                                     min_inclusive=False, cli=False)
+    repeat_ngram: int = setting(4, "longest n-gram checked for repetition", min=1, cli=False)
+    repeat_min_tokens: int = setting(8, "completions shorter than this are not checked", min=2, cli=False)
+    repeat_fraction: float = setting(0.5, "share of degenerate completions that is a collapse", min=0, max=1,
+                                     min_inclusive=False, cli=False)
+    on_hacking: str = setting("rollback", "format rate up while accuracy falls: the reward is being gamed",
+                              choices=RL_POLICIES)
+    on_length: str = setting("warn", "mean length jumps or most completions hit --max-tokens (longer reasoning "
+                             "is what a healthy R1-style run learns)", choices=RL_POLICIES)
+    on_kl: str = setting("rollback", "KL to the reference jumps above kl_max or far above its recent values "
+                         "(only with --beta > 0; a KL that crept up only warns)", choices=RL_POLICIES)
+    on_entropy: str = setting("warn", "policy entropy below the floor or halving (entropy falls as a policy "
+                              "commits)", choices=RL_POLICIES)
+    on_repetition: str = setting("rollback", "most completions loop on a token or n-gram (once earlier steps "
+                                 "did not)", choices=RL_POLICIES)
+    max_rollbacks: int = setting(3, "rollbacks before the run stops", min=0, cli=False)
+
+    def __post_init__(self) -> None:
+        self.check_settings()
+        if self.min_history > self.window:
+            raise ConfigError(f"RLGuardConfig.min_history = {self.min_history}: must be an integer in "
+                              f"[2, window={self.window}]")
+
+
+#: The default response of each detector (why: :mod:`nanoseek.rl.guard`).
+DEFAULT_POLICIES = {name: getattr(RLGuardConfig(), name) for name in POLICY_FIELDS}
+
+
+# --------------------------------------------------------------------------- the run
+@dataclass
+class GRPORunConfig(GRPOConfig):
     """Everything that defines a GRPO run; stored as ``RUN_DIR/grpo_config.json``.
 
-    The objective fields are those of :class:`~nanoseek.rl.objective.GRPOConfig` (defaults: plain
-    GRPO; ``variant`` "dapo" / "dr_grpo" take that preset's values for the fields not given).
-    ``lr`` defaults to 1e-4, a value for nanoseek-scale models (millions of parameters); large models
-    want 1e-6..1e-5. ``minibatches`` splits the kept groups of a step into that many optimizer
-    steps per pass (μ passes); ``micro_batch_size`` (sequences per forward, 0 = the whole minibatch)
-    only bounds memory: gradients accumulate to exactly the minibatch's loss. ``train_layers`` N > 0
-    updates only the last N decoder layers, the final norm and the output head
+    The objective fields are those of :class:`GRPOConfig` (defaults: plain GRPO; ``variant``
+    "dapo" / "dr_grpo" take that preset's values for the fields not given). ``lr`` defaults to 1e-4,
+    a value for nanoseek-scale models (millions of parameters); large models want 1e-6..1e-5.
+    ``minibatches`` splits the kept groups of a step into that many optimizer steps per pass (μ
+    passes); ``micro_batch_size`` (sequences per forward, 0 = the whole minibatch) only bounds
+    memory: gradients accumulate to exactly the minibatch's loss. ``train_layers`` N > 0 updates
+    only the last N decoder layers, the final norm and the output head
     (:func:`~nanoseek.train.optim.train_top_layers`); 0 updates every parameter.
     """
 
-    init_from: str | None = None
-    task: str = "arithmetic"
-    difficulty: int = 1
-    reward: str = "combined"
-    variant: str = "grpo"
-    # objective (GRPOConfig)
-    group_size: int = 8
-    beta: float = 0.04
-    eps_low: float = 0.2
-    eps_high: float = 0.2
-    loss_mode: str = "sequence_mean"
-    scale_adv_by_std: bool = True
-    dynamic_sampling: bool = False
-    overlong_max_len: int | None = None
-    overlong_cache_len: int | None = None
-    loss_max_len: int | None = None
-    mu: int = 1
-    temperature: float = 1.0
+    init_from: str | None = setting(None, "checkpoint directory of the policy (model + tokenizer), e.g. an "
+                                    "SFT run's final/")
+    task: str = setting("arithmetic", "task NAME or NAME:DIFFICULTY (arithmetic, countdown, linear, ...)",
+                        metavar="TASK[:DIFFICULTY]")
+    difficulty: int = setting(1, "problem difficulty (also given as --task NAME:DIFFICULTY)", min=1, cli=False)
+    reward: str = setting("combined", "registered reward name (combined: accuracy + 0.1 format)")
+    variant: str = setting("grpo", "objective preset", choices=VARIANTS, cli=False)
     # rollout
-    steps: int = 100
-    prompts_per_step: int = 16
-    max_tokens: int = 256
-    max_slots: int = 64
-    max_seq_len: int | None = None  # engine cache length; default min(model positions, max_tokens + 1024)
+    steps: int = setting(100, "GRPO steps", min=1, resumable=True)
+    prompts_per_step: int = setting(16, "P problems per step, over all processes", min=1)
+    max_tokens: int = setting(256, "generation budget per sample", min=1)
+    max_slots: int = setting(64, "requests the engine decodes together", min=1, resumable=True)
+    max_seq_len: int | None = setting(None, "engine cache length, prompt + completion (unset: min(model "
+                                      "positions, max_tokens + 1024))", min=1)
     # optimizer
-    lr: float = 1e-4
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.99)
-    eps: float = 1e-8
-    grad_clip: float = 1.0
-    train_layers: int = 0
-    minibatches: int = 1
-    micro_batch_size: int = 0
-    bias_update_speed: float = 0.0
+    lr: float = setting(1e-4, "learning rate", min=0, min_inclusive=False)
+    warmup_steps: int = setting(0, "linear warmup steps, then constant", min=0)
+    weight_decay: float = setting(0.0, "AdamW weight decay on matrices", min=0)
+    betas: tuple[float, float] = setting((0.9, 0.99), "AdamW betas", min=0, max=0.999999, metavar="BETA")
+    eps: float = setting(1e-8, "AdamW epsilon", min=0, min_inclusive=False)
+    grad_clip: float = setting(1.0, "gradient norm clip (<= 0: off)")
+    train_layers: int = setting(0, "update only the last N decoder layers + final norm + output head (0: all)",
+                                min=0, metavar="N")
+    minibatches: int = setting(1, "optimizer steps per pass over a step's samples", min=1)
+    micro_batch_size: int = setting(0, "sequences per forward (memory only; 0: all)", min=0)
+    bias_update_speed: float = setting(0.0, "MoE router bias update speed during RL (0: the biases stay fixed)",
+                                       min=0)
     # bookkeeping
-    seed: int = 0
-    checkpoint_every: int = 50
-    keep_last: int = 3
-    eval_every: int = 0  # 0: no held-out evaluation during the run
-    eval_n: int = 64
-    eval_max_tokens: int | None = None  # default max_tokens
-    samples_every: int = 10
-    samples_per_log: int = 4
-    device: str = "auto"
-    price_per_device_hour: float = 2.0
-    report: bool = True
-    guard: RLGuardConfig = field(default_factory=RLGuardConfig)
+    seed: int = setting(0, "run seed: problems and sampling", min=0)
+    checkpoint_every: int = setting(50, "steps between checkpoints", min=1, resumable=True)
+    keep_last: int = setting(3, "checkpoints to keep", min=1, resumable=True)
+    eval_every: int = setting(0, "held-out evaluation every N steps (0: off)", min=0, resumable=True)
+    eval_n: int = setting(64, "held-out problems per evaluation", min=1, resumable=True)
+    eval_max_tokens: int | None = setting(None, "generation budget of the evaluation (unset: --max-tokens)", min=1,
+                                          resumable=True)
+    samples_every: int = setting(10, "steps between sample logs in samples.jsonl", min=1, resumable=True)
+    samples_per_log: int = setting(4, "problems per sample log", min=0, resumable=True)
+    device: str = setting("auto", "auto, cuda, xpu, npu, mps or cpu", resumable=True)
+    price_per_device_hour: float = setting(2.0, "$ per device-hour for cost.json", min=0, flag="--price-per-hour",
+                                           resumable=True)
+    report: bool = setting(True, "write report.md and plots at the end", resumable=True)
+    guard: RLGuardConfig = setting(help="the RL guard", default_factory=RLGuardConfig, cli=False, resumable=True)
 
     def __post_init__(self) -> None:
         if isinstance(self.guard, dict):
             self.guard = RLGuardConfig.from_dict(self.guard)
         self.betas = tuple(float(b) for b in self.betas)
         self.validate()
-
-    def validate(self) -> None:
-        def need(cond: bool, msg: str) -> None:
-            if not cond:
-                raise ConfigError(f"invalid GRPO config: {msg}")
-
-        def is_int(v: Any) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        need(self.variant in VARIANTS, f"variant must be one of {VARIANTS}, got {self.variant!r}")
-        need(isinstance(self.task, str) and bool(self.task), "task must be a task name")
-        need(isinstance(self.reward, str) and bool(self.reward), "reward must be a reward name")
-        for name in ("difficulty", "steps", "prompts_per_step", "max_tokens", "max_slots", "minibatches",
-                     "checkpoint_every", "keep_last", "eval_n", "samples_every"):
-            v = getattr(self, name)
-            need(is_int(v) and v >= 1, f"{name} must be a positive integer, got {v!r}")
-        for name in ("warmup_steps", "micro_batch_size", "eval_every", "samples_per_log", "seed", "train_layers"):
-            v = getattr(self, name)
-            need(is_int(v) and v >= 0, f"{name} must be an integer >= 0, got {v!r}")
-        for name in ("max_seq_len", "eval_max_tokens"):
-            v = getattr(self, name)
-            need(v is None or (is_int(v) and v >= 1), f"{name} must be a positive integer, got {v!r}")
-        need(math.isfinite(self.lr) and self.lr > 0, f"lr must be positive, got {self.lr}")
-        need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
-        need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"betas must lie in [0, 1), got {self.betas}")
-        need(self.eps > 0, f"eps must be > 0, got {self.eps}")
-        need(math.isfinite(self.grad_clip), f"grad_clip must be finite (<= 0 disables), got {self.grad_clip}")
-        need(self.bias_update_speed >= 0, f"bias_update_speed must be >= 0, got {self.bias_update_speed}")
-        need(self.price_per_device_hour >= 0, f"price_per_device_hour must be >= 0, got {self.price_per_device_hour}")
-        need(self.minibatches <= self.prompts_per_step,
-             f"minibatches ({self.minibatches}) cannot exceed prompts_per_step ({self.prompts_per_step})")
-        self.objective()  # GRPOConfig checks its own fields (ConfigError)
-
-    def objective(self) -> GRPOConfig:
-        return GRPOConfig(**{name: getattr(self, name) for name in OBJECTIVE_FIELDS})
-
-    # -- JSON
-    def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["betas"] = list(self.betas)
-        return out
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "GRPO config") -> "GRPORunConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"{source}: unknown field(s) {', '.join(unknown)}")
-        try:
-            return cls(**data)
-        except TypeError as exc:
-            raise ConfigError(f"{source}: {exc}") from None
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-    @classmethod
-    def load(cls, path: str | Path) -> "GRPORunConfig":
-        try:
-            raw = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"cannot read GRPO config {path}: {exc}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a JSON object")
-        return cls.from_dict(raw, source=str(path))
-
-    def differences(self, other: "GRPORunConfig") -> dict[str, tuple[Any, Any]]:
-        a, b = self.to_dict(), other.to_dict()
-        return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+        if not self.task:
+            raise ConfigError("invalid GRPO config: task must be a task name")
+        if self.minibatches > self.prompts_per_step:
+            raise ConfigError(f"invalid GRPO config: minibatches ({self.minibatches}) cannot exceed "
+                              f"prompts_per_step ({self.prompts_per_step})")
 
 
-def parse_task_spec(spec: str) -> tuple[str, int | None]:
-    """``"countdown:3"`` → ``("countdown", 3)``; ``"countdown"`` → ``("countdown", None)`` (the
-    cold start's parser, :func:`nanoseek.tasks.coldstart.parse_task_spec`, naming ``--task``)."""
-    return parse_spec(spec, flag="--task")
+RESUME_CHANGEABLE = resumable(GRPORunConfig)
 
 
 def build_run_config(fields: dict[str, Any]) -> GRPORunConfig:
@@ -181,7 +254,7 @@ def build_run_config(fields: dict[str, Any]) -> GRPORunConfig:
     (Dr. GRPO's ``loss_max_len`` defaults to ``max_tokens``); ``guard`` may be a dict."""
     fields = {k: v for k, v in fields.items() if v is not None}
     if "task" in fields:
-        name, diff = parse_task_spec(fields["task"])
+        name, diff = parse_task_spec(fields["task"], flag="--task")
         fields["task"] = name
         if diff is not None:
             if fields.get("difficulty") not in (None, diff):
@@ -192,73 +265,12 @@ def build_run_config(fields: dict[str, Any]) -> GRPORunConfig:
     if variant == "dapo":
         preset = GRPOConfig.dapo()
     elif variant == "dr_grpo":
-        max_len = given.get("loss_max_len") or fields.get("max_tokens") or GRPORunConfig.max_tokens
-        preset = GRPOConfig.dr_grpo(loss_max_len=max_len)
+        max_len = given.get("loss_max_len") or fields.get("max_tokens") or GRPORunConfig().max_tokens
+        preset = GRPOConfig.dr_grpo(max_len)
     else:
         preset = None
     if preset is not None:
         for name in OBJECTIVE_FIELDS:
             if name not in given and name not in ("group_size", "temperature", "mu"):
                 fields[name] = getattr(preset, name)
-    if isinstance(fields.get("guard"), dict):
-        fields["guard"] = RLGuardConfig.from_dict(fields["guard"])
-    known = {f.name for f in dataclasses.fields(GRPORunConfig)}
-    unknown = sorted(set(fields) - known)
-    if unknown:
-        raise ConfigError(f"unknown GRPO setting(s): {', '.join(unknown)}")
-    return GRPORunConfig(**fields)
-
-
-def resolve_run_config(run_dir: Path, overrides: dict[str, Any], resume: bool,
-                       log: Callable = print) -> GRPORunConfig:
-    """The run's config: built from ``overrides`` (fresh) or read from ``grpo_config.json`` (resume,
-    where only :data:`RESUME_CHANGEABLE` settings may differ)."""
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    if "init_from" in overrides:
-        overrides["init_from"] = absolute_path(overrides["init_from"])
-    cfg_path = run_dir / CONFIG_FILE
-    if resume:
-        if not cfg_path.is_file() or latest_checkpoint(run_dir, cleanup=False) is None:
-            raise NanoseekError(f"--resume: no GRPO checkpoint in {run_dir} to resume from "
-                                f"(run without --resume to start a new run there)")
-        data = GRPORunConfig.load(cfg_path).to_dict()
-        guard_over = overrides.pop("guard", None) or {}
-        if isinstance(guard_over, RLGuardConfig):
-            guard_over = guard_over.to_dict()
-        if "task" in overrides:
-            name, diff = parse_task_spec(overrides["task"])
-            overrides["task"] = name
-            if diff is not None:
-                overrides["difficulty"] = diff
-        data = merge_resume_settings(data, overrides, guard_over, RESUME_CHANGEABLE, run_dir, log)
-        return GRPORunConfig.from_dict(data, source=str(cfg_path))
-
-    cfg = build_run_config(overrides)
-    if cfg.init_from is None:
-        raise NanoseekError("--init-from is required: the checkpoint directory of the policy to train "
-                            "(an SFT or pretraining checkpoint with its tokenizer)")
-    if run_dir.exists() and not run_dir.is_dir():
-        raise NanoseekError(f"--out {run_dir} exists and is not a directory")
-    if cfg_path.is_file():
-        ckpts = list_checkpoints(run_dir)
-        if ckpts:
-            raise NanoseekError(f"--out {run_dir} already holds a GRPO run with checkpoints up to step "
-                                f"{checkpoint_step(ckpts[-1])}; pass --resume to continue it, or choose another --out")
-        log(f"note: {run_dir} holds a GRPO run that never reached its first checkpoint: starting over there")
-    elif run_dir.is_dir() and any(p.name != ".lock" for p in run_dir.iterdir()):
-        raise NanoseekError(f"--out {run_dir} is a non-empty directory that holds no GRPO run; "
-                            f"choose an empty or new directory")
-    return cfg
-
-
-def check_inputs(cfg: GRPORunConfig) -> None:
-    """Fail fast, with one clear line, on a bad task, reward or initial checkpoint."""
-    get_task(cfg.task)  # RegistryError names the known ones
-    get_reward(cfg.reward)
-    if cfg.init_from is None:
-        raise NanoseekError("--init-from is required")
-    src = Path(cfg.init_from)
-    if not (src / "config.json").is_file():
-        raise NanoseekError(f"--init-from {src}: not a checkpoint directory (no config.json there)")
-    if not (src / "tokenizer.json").is_file():
-        raise NanoseekError(f"--init-from {src}: no tokenizer.json there (GRPO needs the checkpoint's tokenizer)")
+    return GRPORunConfig.from_dict(fields)

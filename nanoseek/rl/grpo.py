@@ -82,14 +82,16 @@ from ..hf import load_with_tokenizer
 from ..infer.engine import Engine
 from ..model import update_routing_bias
 from ..tasks import get_reward, get_task
+from ..tasks.base import parse_task_spec
 from ..tasks.evaluate import evaluate
 from ..train import distributed as dist
 from ..train.checkpoint import install_tokenizer, load_model, read_trainer_state
 from ..train.cost import CostMeter
 from ..train.faults import maybe_fault
 from ..train.optim import build_optimizer, train_top_layers
-from ..train.run import RunTrainer, finite, format_line, peak_memory_bytes, run_lock, silent, start_run_dir
-from .config import CONFIG_FILE, STAGE, GRPORunConfig, check_inputs, resolve_run_config
+from ..train.run import (RunTrainer, absolute_path, finite, format_line, peak_memory_bytes, resolve_settings,
+                         run_lock, silent, start_run_dir)
+from .config import CONFIG_FILE, STAGE, GRPORunConfig, build_run_config
 from .guard import RLGuard
 from .objective import dynamic_sampling_mask, group_advantages, grpo_loss, zero_variance_fraction
 from .rollout import REWARD_ON_ERROR, Rollout, StepSamples, _mean, completion_logprobs, sample_rollout
@@ -456,6 +458,38 @@ class GRPOTrainer(RunTrainer):
 
 
 # ----------------------------------------------------------------------------- entry points
+def resolve_run_config(run_dir: Path, overrides: dict[str, Any], resume: bool,
+                       log: Callable = print) -> GRPORunConfig:
+    """The run's settings: built from ``overrides`` (fresh) or read from ``grpo_config.json``
+    (resume: only resumable settings may change; see :func:`~nanoseek.train.run.resolve_settings`)."""
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if "init_from" in overrides:
+        overrides["init_from"] = absolute_path(overrides["init_from"])
+    if resume and "task" in overrides:
+        overrides["task"], diff = parse_task_spec(overrides["task"], flag="--task")
+        if diff is not None:
+            overrides["difficulty"] = diff
+
+    def build(fields: dict[str, Any]) -> GRPORunConfig:
+        if fields.get("init_from") is None:
+            raise NanoseekError("--init-from is required: the checkpoint directory of the policy to train "
+                                "(an SFT or pretraining checkpoint with its tokenizer)")
+        return build_run_config(fields)
+
+    return resolve_settings(run_dir, CONFIG_FILE, GRPORunConfig, overrides, resume, build, log, what="GRPO")
+
+
+def check_inputs(cfg: GRPORunConfig) -> None:
+    """Fail fast, with one clear line, on a bad task, reward or initial checkpoint."""
+    get_task(cfg.task)  # RegistryError names the known ones
+    get_reward(cfg.reward)
+    src = Path(cfg.init_from)
+    if not (src / "config.json").is_file():
+        raise NanoseekError(f"--init-from {src}: not a checkpoint directory (no config.json there)")
+    if not (src / "tokenizer.json").is_file():
+        raise NanoseekError(f"--init-from {src}: no tokenizer.json there (GRPO needs the checkpoint's tokenizer)")
+
+
 def grpo(out: str | os.PathLike, *, resume: bool = False, log: Callable = print, **fields: Any) -> dict:
     """Run (or ``resume``) GRPO into run directory ``out``; ``fields`` are :class:`GRPORunConfig`
     fields (``task`` may be ``"name:difficulty"``, ``guard`` a dict of RLGuardConfig fields,

@@ -62,7 +62,7 @@ has cleared and returns. A ``"rollback"`` incident is reported every time.
 
 Responses are per kind, ``"warn"`` (log and carry on) or ``"rollback"`` (the trainer reloads the
 last checkpoint: weights, optimizer, guard windows; the prompt stream is NOT rewound, so the run
-moves on to new prompts). The defaults (:data:`DEFAULT_POLICIES`) roll back on what is damage and
+moves on to new prompts). The defaults (:data:`~nanoseek.rl.config.DEFAULT_POLICIES`) roll back on what is damage and
 only warn on what a healthy R1-style run also does:
 
 - ``on_hacking="rollback"``: a format rate that climbs while accuracy falls is the policy learning
@@ -82,109 +82,25 @@ only warn on what a healthy R1-style run also does:
   confident SFT policy starts low); a rollback does not change the trend that led there, it
   replays it with other prompts.
 
-Incidents are written and printed by a
-:class:`~nanoseek.train.guard.TrainingGuard` (same JSON lines, same ``[guard] step N: ...`` console
-line, same rollback accounting: more than ``max_rollbacks`` rollbacks stop the run).
+Incidents are written and printed by the run's :class:`~nanoseek.train.incidents.IncidentLog`, as
+the training guard's are (same JSON lines, same ``[guard] step N: ...`` console line, same rollback
+accounting: more than ``max_rollbacks`` rollbacks stop the run). The thresholds and responses are
+:class:`~nanoseek.rl.config.RLGuardConfig`'s fields.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from ..errors import ConfigError, NanoseekError
+from ..errors import NanoseekError
 from ..train.guard import SEVERITY, Decision, RobustWindow
+from .config import RLGuardConfig
 from ..train.incidents import IncidentLog, short_number
 
-RL_POLICIES = ("warn", "rollback")
 RL_KINDS = ("reward_hacking", "length_explosion", "kl_blowup", "entropy_collapse", "repetition")
 SIGNALS = ("accuracy", "format_rate", "response_length", "truncation_rate", "kl", "entropy")
-POLICY_FIELDS = ("on_hacking", "on_length", "on_kl", "on_entropy", "on_repetition")
-#: The default response of each detector (why: see the module docstring).
-DEFAULT_POLICIES = {"on_hacking": "rollback", "on_length": "warn", "on_kl": "rollback", "on_entropy": "warn",
-                    "on_repetition": "rollback"}
-
-
-@dataclass
-class RLGuardConfig:
-    window: int = 20
-    min_history: int = 5
-    # reward hacking: format up while accuracy down (fitted change over window + this step)
-    hacking_format_rise: float = 0.2
-    hacking_accuracy_drop: float = 0.1
-    hacking_min_t: float = 4.0
-    hacking_min_history: int = 10
-    # response-length explosion
-    length_zscore: float = 6.0
-    length_min_ratio: float = 1.5
-    truncation_fraction: float = 0.5
-    # KL blow-up
-    kl_max: float = 1.0
-    kl_min: float = 0.05
-    kl_zscore: float = 8.0
-    kl_jump_ratio: float = 2.0
-    # entropy collapse
-    entropy_floor: float = 0.03
-    entropy_drop_ratio: float = 0.5
-    # degenerate repetition
-    repeat_coverage: float = 0.5
-    repeat_ngram: int = 4
-    repeat_min_tokens: int = 8
-    repeat_fraction: float = 0.5
-    # responses (defaults: DEFAULT_POLICIES; why: the module docstring)
-    on_hacking: str = DEFAULT_POLICIES["on_hacking"]
-    on_length: str = DEFAULT_POLICIES["on_length"]
-    on_kl: str = DEFAULT_POLICIES["on_kl"]
-    on_entropy: str = DEFAULT_POLICIES["on_entropy"]
-    on_repetition: str = DEFAULT_POLICIES["on_repetition"]
-    max_rollbacks: int = 3
-
-    def __post_init__(self) -> None:
-        for name in POLICY_FIELDS:
-            if getattr(self, name) not in RL_POLICIES:
-                raise ConfigError(f"RLGuardConfig.{name} = {getattr(self, name)!r}: choose from "
-                                  f"{', '.join(RL_POLICIES)}")
-
-        def need(name: str, ok: bool, what: str) -> None:
-            if not ok:
-                raise ConfigError(f"RLGuardConfig.{name} = {getattr(self, name)!r}: must be {what}")
-
-        def is_int(v: Any) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        need("window", is_int(self.window) and self.window >= 2, "an integer >= 2")
-        need("min_history", is_int(self.min_history) and 2 <= self.min_history <= self.window,
-             f"an integer in [2, window={self.window}]")
-        for name in ("hacking_format_rise", "hacking_accuracy_drop", "length_zscore", "kl_max",
-                     "kl_zscore"):
-            need(name, getattr(self, name) > 0, "> 0")
-        need("length_min_ratio", self.length_min_ratio >= 1, ">= 1")
-        for name in ("truncation_fraction", "repeat_coverage", "repeat_fraction"):
-            need(name, 0 < getattr(self, name) <= 1, "in (0, 1]")
-        need("entropy_drop_ratio", 0 < self.entropy_drop_ratio < 1, "in (0, 1)")
-        need("entropy_floor", self.entropy_floor >= 0, ">= 0")
-        need("hacking_min_t", self.hacking_min_t >= 0, ">= 0")
-        need("hacking_min_history", is_int(self.hacking_min_history) and self.hacking_min_history >= 2,
-             "an integer >= 2 (capped at window)")
-        need("kl_min", self.kl_min >= 0, ">= 0")
-        need("kl_jump_ratio", self.kl_jump_ratio >= 1, ">= 1")
-        need("repeat_ngram", is_int(self.repeat_ngram) and self.repeat_ngram >= 1, "an integer >= 1")
-        need("repeat_min_tokens", is_int(self.repeat_min_tokens) and self.repeat_min_tokens >= 2,
-             "an integer >= 2")
-        need("max_rollbacks", is_int(self.max_rollbacks) and self.max_rollbacks >= 0, "an integer >= 0")
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "RLGuardConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown RL guard field(s): {', '.join(unknown)}")
-        return cls(**d)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 # --------------------------------------------------------------------------- series helpers

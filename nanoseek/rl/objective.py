@@ -37,14 +37,12 @@ compute ``log_softmax(logits / temperature)`` for ``logp``, ``old_logp`` and ``r
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
 from typing import Optional
 
 import torch
 
-from ..errors import ConfigError
+from .config import LOSS_MODES
 
-LOSS_MODES = ("sequence_mean", "token_mean", "constant")
 
 # exp(±20) ≈ 4.9e8 / 2.1e-9: far beyond any ratio that survives clipping, but keeps exp() finite so
 # that a zero advantage times a runaway ratio can never produce inf·0 = NaN.
@@ -291,112 +289,3 @@ def grpo_loss(logp: torch.Tensor, old_logp: Optional[torch.Tensor],
         stats["kl"] = torch.zeros((), device=logp.device)
     loss = aggregate(per_token, m, loss_mode, max_len)
     return loss, stats
-
-
-# --------------------------------------------------------------------------- configuration
-@dataclass
-class GRPOConfig:
-    """Hyper-parameters of the GRPO objective (plus the sampling knobs it depends on).
-
-    Defaults are plain GRPO as in DeepSeekMath §4.1 / R1 §2.2.1:
-
-    - ``group_size`` G = 8 completions per prompt (DeepSeekMath used 64, R1 16; 8 fits small runs).
-    - ``beta`` = 0.04: DeepSeekMath's GRPO value. R1 used 0.001 on a 671B model with long runs; at
-      nanoseek's scale a small model drifts quickly from its reference, and the stronger anchor is
-      the safer default. It is a field: set 0.001 to follow R1, 0 to drop the reference model.
-    - ``eps_low`` = ``eps_high`` = 0.2: the symmetric PPO clip. ``loss_mode`` "sequence_mean".
-    - ``scale_adv_by_std`` True: Â = (r − mean)/std with the unbiased std (see
-      :func:`group_advantages`).
-    - ``dynamic_sampling``: drop zero-variance groups (DAPO). ``overlong_max_len`` /
-      ``overlong_cache_len``: DAPO soft overlong penalty, both set or both None.
-    - ``loss_max_len``: the constant divisor of loss mode "constant" (Dr. GRPO) — the generation
-      budget (max new tokens); required in that mode.
-    - ``mu``: policy updates per batch of samples (μ in DeepSeekMath Alg. 1). With μ = 1 the
-      samples are on-policy and ρ ≡ 1. ``temperature``: sampling temperature; log-probs for the
-      ratio must use the same temperature.
-    """
-
-    group_size: int = 8
-    beta: float = 0.04
-    eps_low: float = 0.2
-    eps_high: float = 0.2
-    loss_mode: str = "sequence_mean"
-    scale_adv_by_std: bool = True
-    dynamic_sampling: bool = False
-    overlong_max_len: Optional[int] = None
-    overlong_cache_len: Optional[int] = None
-    loss_max_len: Optional[int] = None
-    mu: int = 1
-    temperature: float = 1.0
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        def is_int(v) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        def bad(msg: str) -> None:
-            raise ConfigError(f"GRPOConfig: {msg}")
-
-        if not is_int(self.group_size) or self.group_size < 2:
-            bad(f"group_size must be an int >= 2 (advantages compare samples of one prompt), "
-                f"got {self.group_size!r}")
-        if not math.isfinite(self.beta) or self.beta < 0:
-            bad(f"beta must be a finite number >= 0, got {self.beta!r}")
-        if not (0.0 <= self.eps_low < 1.0):
-            bad(f"eps_low must be in [0, 1) (the ratio floor is 1 - eps_low), got {self.eps_low!r}")
-        if not math.isfinite(self.eps_high) or self.eps_high < 0:
-            bad(f"eps_high must be a finite number >= 0, got {self.eps_high!r}")
-        if self.loss_mode not in LOSS_MODES:
-            bad(f"loss_mode must be one of {LOSS_MODES}, got {self.loss_mode!r}")
-        if self.loss_max_len is not None and (not is_int(self.loss_max_len)
-                                              or self.loss_max_len <= 0):
-            bad(f"loss_max_len must be a positive int, got {self.loss_max_len!r}")
-        if self.loss_mode == "constant" and self.loss_max_len is None:
-            bad('loss_mode "constant" (Dr. GRPO) needs loss_max_len, the generation budget')
-        if (self.overlong_max_len is None) != (self.overlong_cache_len is None):
-            bad("overlong_max_len and overlong_cache_len must be set together (or both None)")
-        if self.overlong_max_len is not None:
-            if not is_int(self.overlong_max_len) or not is_int(self.overlong_cache_len):
-                bad("overlong_max_len and overlong_cache_len must be ints")
-            if not (0 < self.overlong_cache_len <= self.overlong_max_len):
-                bad(f"need 0 < overlong_cache_len <= overlong_max_len, got "
-                    f"{self.overlong_cache_len} and {self.overlong_max_len}")
-        if not is_int(self.mu) or self.mu < 1:
-            bad(f"mu (policy updates per sample batch) must be an int >= 1, got {self.mu!r}")
-        if not math.isfinite(self.temperature) or self.temperature <= 0:
-            bad(f"temperature must be > 0, got {self.temperature!r}")
-
-    @property
-    def uses_kl(self) -> bool:
-        """Whether a reference model is needed (beta > 0)."""
-        return self.beta > 0
-
-    def with_(self, **changes) -> "GRPOConfig":
-        """A validated copy with some fields changed."""
-        names = {f.name for f in fields(self)}
-        unknown = sorted(set(changes) - names)
-        if unknown:
-            raise ConfigError(f"GRPOConfig: unknown field(s) {unknown}")
-        return replace(self, **changes)
-
-    @classmethod
-    def dapo(cls, **overrides) -> "GRPOConfig":
-        """DAPO (arXiv 2503.14476): clip-higher ε_low 0.2 / ε_high 0.28, dynamic sampling,
-        token-level loss, no KL term (beta 0, as in the paper). Overlong shaping stays off unless
-        ``overlong_max_len`` / ``overlong_cache_len`` are given (DAPO used 20480 / 4096 — tie them
-        to your generation budget)."""
-        base = dict(eps_low=0.2, eps_high=0.28, dynamic_sampling=True, loss_mode="token_mean",
-                    beta=0.0)
-        base.update(overrides)
-        return cls(**base)
-
-    @classmethod
-    def dr_grpo(cls, loss_max_len: int, **overrides) -> "GRPOConfig":
-        """Dr. GRPO (arXiv 2503.20783): Â = r − mean(r) (no std), each response's token sum divided
-        by the constant ``loss_max_len`` (the generation budget), no KL term (beta 0)."""
-        base = dict(scale_adv_by_std=False, loss_mode="constant", loss_max_len=loss_max_len,
-                    beta=0.0)
-        base.update(overrides)
-        return cls(**base)

@@ -293,3 +293,15 @@ def _check_generate_args(seed: int, n: int, difficulty: int) -> None:
         raise ValueError(f"n must be a non-negative int, got {n!r}")
     if not isinstance(difficulty, int) or isinstance(difficulty, bool) or difficulty < 1:
         raise ValueError(f"difficulty must be an int >= 1, got {difficulty!r}")
+
+
+def parse_task_spec(spec: str, flag: str = "--cold-start") -> tuple[str, int | None]:
+    """``"countdown:3"`` → ``("countdown", 3)``; ``"countdown"`` → ``("countdown", None)``."""
+    name, sep, diff = str(spec).partition(":")
+    if not name:
+        raise ConfigError(f"{flag} {spec!r}: expected TASK or TASK:DIFFICULTY")
+    if not sep:
+        return name, None
+    if not is_ascii_digits(diff.strip()) or int(diff) < 1:
+        raise ConfigError(f"{flag} {spec!r}: the difficulty after ':' must be a positive integer")
+    return name, int(diff)

@@ -17,23 +17,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import ConfigError, NanoseekError
-from .base import answer_only_mix, chat_messages, is_ascii_digits
+from .base import answer_only_mix, chat_messages, parse_task_spec
 from .evaluate import EVAL_SEED_BASE
 from .registry import get_task
 
 DEFAULT_DIFFICULTY = 1
-
-
-def parse_task_spec(spec: str, flag: str = "--cold-start") -> tuple[str, int | None]:
-    """``"countdown:3"`` → ``("countdown", 3)``; ``"countdown"`` → ``("countdown", None)``."""
-    name, sep, diff = str(spec).partition(":")
-    if not name:
-        raise ConfigError(f"{flag} {spec!r}: expected TASK or TASK:DIFFICULTY")
-    if not sep:
-        return name, None
-    if not is_ascii_digits(diff.strip()) or int(diff) < 1:
-        raise ConfigError(f"{flag} {spec!r}: the difficulty after ':' must be a positive integer")
-    return name, int(diff)
 
 
 def _specs(task_names: Sequence[str], difficulties) -> list[tuple[str, int]]:

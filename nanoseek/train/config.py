@@ -1,4 +1,6 @@
-"""``TrainConfig``: everything that defines a pretraining run, stored as ``RUN_DIR/train_config.json``.
+"""The settings of a pretraining, SFT or distillation run, each declared once with its help and
+valid range (:mod:`nanoseek.settings`): :class:`TrainConfig` (stored as ``RUN_DIR/train_config.json``),
+:class:`SFTConfig` (SFT's defaults and the cold-start set) and :class:`GuardConfig` (the training guard).
 
 Defaults follow the DeepSeek-V3 report (§4.2) where they carry over to small models: AdamW β
 (0.9, 0.95), weight decay 0.1, gradient clipping 1.0, bias update speed γ = 0.001 switched off for
@@ -10,165 +12,155 @@ as V3's 2.2e-4 → 2.2e-5).
 
 from __future__ import annotations
 
-import dataclasses
-import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from ..errors import ConfigError, NanoseekError
-from .guard import GuardConfig
+from ..settings import Settings, resumable, setting
 
-GUARD_ACTIONS = ("warn", "skip", "rollback", "lr_down")
-
-# Fields that may change when a run is resumed (--resume): they do not alter the weights of the
-# steps already taken. ``max_steps`` moves the LR/γ/λ schedules of the remaining steps (noted).
-RESUME_CHANGEABLE = frozenset({
-    "max_steps", "checkpoint_every", "keep_last", "eval_every", "eval_batches", "log_every", "device",
-    "compile", "activation_checkpointing", "tensorboard", "price_per_device_hour", "peak_tflops",
-    "guard", "deterministic",
-})
+POLICIES = ("warn", "skip", "rollback", "lr_down")  # on_nonfinite: never "warn" (the NaN update would reach the weights)
 # Fields that only say where the data came from: a resumed run reads RUN_DIR's tokenizer and shards.
 DATA_FIELDS = frozenset({"data", "tokenizer", "vocab_size", "text_field", "val_fraction"})
 
 
 @dataclass
-class TrainConfig:
+class GuardConfig(Settings):
+    """The training guard's thresholds and responses (:mod:`nanoseek.train.guard`)."""
+
+    window: int = setting(50, "accepted steps in the moving windows", min=1)
+    min_history: int = setting(10, "accepted steps before loss-spike / grad checks start", min=1)
+    spike_zscore: float = setting(6.0, "robust z-score of the loss that is a spike", min=0, min_inclusive=False)
+    grad_norm_factor: float = setting(10.0, "grad norm over this x the median is an explosion", min=1,
+                                      min_inclusive=False)
+    dead_expert_fraction: float = setting(0.5, "share of a layer's experts without tokens that is a collapse",
+                                          min=0, max=1, min_inclusive=False)
+    imbalance_ratio: float = setting(8.0, "busiest expert over mean load that is an imbalance", min=1,
+                                     min_inclusive=False)
+    on_nonfinite: str = setting("rollback", "response to a NaN/inf loss or grad norm; 'warn' is refused: it "
+                                "would apply the NaN update", flag="--on-nan", choices=POLICIES)
+    on_spike: str = setting("skip", "response to a loss spike", choices=POLICIES)
+    on_grad_explosion: str = setting("skip", "response to a grad-norm explosion", choices=POLICIES)
+    on_collapse: str = setting("warn", "response to dead experts / imbalance", choices=POLICIES)
+    lr_down_factor: float = setting(0.5, "LR scale per lr_down response", min=0, max=1, min_inclusive=False)
+    max_rollbacks: int = setting(3, "rollbacks before the run stops", min=0)
+    skip_batches_after_rollback: int = setting(1, "steps of data skipped past a rolled-back step", min=0)
+    mad_floor: float = setting(1e-3, "floor of the robust sigma, relative to |median loss|", min=0)
+    min_load_per_expert: float = setting(4.0, "expert checks need this x n_experts assignments per layer", min=0)
+    max_consecutive_skips: int = setting(10, "dropped updates in a row before a rollback; 0 = never", min=0)
+
+    def __post_init__(self) -> None:
+        if self.on_nonfinite == "warn":
+            raise ConfigError(f"GuardConfig.on_nonfinite (--on-nan) = {self.on_nonfinite!r} is refused: it would "
+                              f"apply a NaN/inf loss or gradient to the weights and checkpoint them; choose "
+                              f"skip, lr_down or rollback")
+        self.check_settings()
+        if self.min_history > self.window:
+            raise ConfigError(f"GuardConfig.min_history = {self.min_history} must be <= window = {self.window}")
+
+
+@dataclass
+class TrainConfig(Settings):
+    """Everything that defines a pretraining run, stored as ``RUN_DIR/train_config.json``."""
+
     # --- model: exactly one of preset / config / init_from
-    preset: str | None = None
-    config: str | None = None  # a config.json (or a directory holding one)
-    init_from: str | None = None  # a checkpoint directory to continue pretraining from
+    preset: str | None = setting(None, "model preset: tiny, small (default), bench or v3")
+    config: str | None = setting(None, "a model config.json (its vocab_size must cover the tokenizer)")
+    init_from: str | None = setting(None, "a checkpoint directory to start from")
     # --- data
-    data: list[str] = field(default_factory=list)  # files/dirs/globs of txt/jsonl/parquet, or a shard dir
-    tokenizer: str | None = None  # tokenizer directory; trained on the data when None
-    vocab_size: int | None = None  # tokenizer size to train (default: the preset's vocab_size)
-    text_field: str = "text"
-    val_fraction: float = 0.005
+    data: list[str] = setting(help="txt/jsonl/parquet files, directories or globs, or a shard directory "
+                              "(with manifest.json) to reuse", default_factory=list)
+    tokenizer: str | None = setting(None, "tokenizer directory (default: train one on --data)")
+    vocab_size: int | None = setting(None, "size of the tokenizer to train (default: the model's)", min=1)
+    text_field: str = setting("text", "jsonl field / parquet column holding the text")
+    val_fraction: float = setting(0.005, "share of the data held out for the validation loss", min=0, max=1)
     # --- shape of a step
-    max_steps: int = 1000
-    batch_size: int = 8  # micro-batch (sequences per forward)
-    grad_accum: int = 1
-    seq_len: int = 256
+    max_steps: int = setting(1000, "optimizer steps", min=1, resumable=True)
+    batch_size: int = setting(8, "sequences per micro-batch (per process)", min=1)
+    grad_accum: int = setting(1, "micro-batches per optimizer step", min=1)
+    seq_len: int = setting(256, "tokens per sequence", min=1)
     # --- optimiser and schedules
-    lr: float = 3e-4
-    min_lr: float | None = None  # default lr / 10
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
-    decay_embeddings: bool = True  # see nanoseek.train.optim.param_groups
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    grad_clip: float = 1.0  # <= 0 disables clipping (the norm is still computed for the guard)
-    bias_update_speed: float = 0.001  # γ of the auxiliary-loss-free balancing
-    bias_update_stop_fraction: float = 0.034  # γ = 0 for this last fraction of steps
-    mtp_loss_weight: float = 0.3  # λ
-    mtp_loss_weight_late: float = 0.1  # λ after mtp_switch_fraction of the steps
-    mtp_switch_fraction: float = 0.68
-    aux_loss_alpha: float = 0.0001  # α of the sequence-wise balance loss
+    lr: float = setting(3e-4, "peak learning rate", min=0, min_inclusive=False)
+    min_lr: float | None = setting(None, "final learning rate of the cosine decay (unset: lr/10)", min=0)
+    warmup_steps: int = setting(100, "linear warmup steps", min=0)
+    weight_decay: float = setting(0.1, "AdamW weight decay on matrices", min=0)
+    decay_embeddings: bool = setting(True, "weight-decay the embedding too (nanoseek.train.optim.param_groups)")
+    betas: tuple[float, float] = setting((0.9, 0.95), "AdamW betas", min=0, max=0.999999, metavar="BETA")
+    eps: float = setting(1e-8, "AdamW epsilon", min=0, min_inclusive=False)
+    grad_clip: float = setting(1.0, "gradient-norm clip (<= 0: off; the norm still feeds the guard)")
+    bias_update_speed: float = setting(0.001, "gamma of the auxiliary-loss-free balancing", min=0)
+    bias_update_stop_fraction: float = setting(0.034, "gamma = 0 for this last share of the steps", min=0, max=1)
+    mtp_loss_weight: float = setting(0.3, "MTP loss weight lambda", min=0)
+    mtp_loss_weight_late: float = setting(0.1, "lambda after mtp_switch_fraction of the steps", min=0)
+    mtp_switch_fraction: float = setting(0.68, "share of the steps at lambda before the late weight", min=0, max=1)
+    aux_loss_alpha: float = setting(0.0001, "alpha of the sequence-wise balance loss", min=0)
     # --- bookkeeping
-    seed: int = 0
-    checkpoint_every: int = 500
-    keep_last: int = 3
-    eval_every: int = 250
-    eval_batches: int = 20
-    log_every: int = 1
-    compile: bool = False
-    fp8: bool = False  # block-wise FP8 GEMMs applied from outside (nanoseek.fp8_training)
-    fp8_ue8m0: bool = False  # power-of-two FP8 scales (DeepSeek-V3.1 UE8M0)
-    activation_checkpointing: bool = False
-    device: str = "auto"
-    deterministic: bool = False  # torch.use_deterministic_algorithms (accelerators; CPU is deterministic anyway)
-    price_per_device_hour: float = 2.0
-    peak_tflops: float | None = None  # bf16 peak for MFU; None: known cards only (H100/H200 790)
-    tensorboard: bool = False
-    guard: GuardConfig = field(default_factory=GuardConfig)
+    seed: int = setting(0, "model init and data order", min=0)
+    checkpoint_every: int = setting(500, "steps between checkpoints", min=1, resumable=True)
+    keep_last: int = setting(3, "checkpoints to keep", min=1, resumable=True)
+    eval_every: int = setting(250, "steps between validation losses", min=1, resumable=True)
+    eval_batches: int = setting(20, "validation batches per evaluation", min=1, resumable=True)
+    log_every: int = setting(1, "steps between metrics records", min=1, resumable=True)
+    compile: bool = setting(False, "torch.compile the model", resumable=True)
+    fp8: bool = setting(False, "block-wise FP8 GEMMs (V3 report 3.3; pure-torch emulation, slower than bf16)")
+    fp8_ue8m0: bool = setting(False, "power-of-two FP8 scales (DeepSeek-V3.1 UE8M0)")
+    activation_checkpointing: bool = setting(False, "recompute block activations in backward to save memory",
+                                             resumable=True)
+    device: str = setting("auto", "auto, cuda, xpu, npu, mps or cpu", resumable=True)
+    deterministic: bool = setting(False, "deterministic kernels on accelerators (slower; CPU runs are "
+                                  "deterministic anyway)", resumable=True)
+    price_per_device_hour: float = setting(2.0, "$ per device-hour for cost.json", min=0, flag="--price-per-hour",
+                                           resumable=True)
+    peak_tflops: float | None = setting(None, "bf16 peak TFLOP/s per device for MFU (unset: 790 on H100/H200, "
+                                        "else no MFU)", min=0, min_inclusive=False, resumable=True)
+    tensorboard: bool = setting(False, "also log to RUN_DIR/tensorboard", resumable=True)
+    guard: GuardConfig = setting(help="the training guard", default_factory=GuardConfig, cli=False, resumable=True)
 
     def __post_init__(self) -> None:
         if self.min_lr is None:
             self.min_lr = self.lr / 10
         self.betas = tuple(float(b) for b in self.betas)
         if isinstance(self.guard, dict):
-            self.guard = GuardConfig(**self.guard)
+            self.guard = GuardConfig.from_dict(self.guard)
         self.data = [str(d) for d in self.data]
         self.validate()
 
     def validate(self) -> None:
-        def need(cond: bool, msg: str) -> None:
-            if not cond:
-                raise ConfigError(f"invalid training config: {msg}")
-
+        """Each field's range (declared with it), then the checks across fields."""
+        self.check_settings()
         sources = [s for s in (self.preset, self.config, self.init_from) if s is not None]
-        need(len(sources) <= 1, "give only one of preset, config and init_from")
-        for name in ("max_steps", "batch_size", "grad_accum", "seq_len", "checkpoint_every", "keep_last",
-                     "eval_every", "eval_batches", "log_every"):
-            value = getattr(self, name)
-            need(isinstance(value, int) and value >= 1, f"{name} must be a positive integer, got {value!r}")
-        need(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        need(self.lr > 0, f"lr must be positive, got {self.lr}")
-        need(0 <= self.min_lr <= self.lr, f"min_lr must lie in [0, lr={self.lr}], got {self.min_lr}")
-        need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
-             f"betas must be two numbers in [0, 1), got {self.betas}")
-        need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
-        for name in ("bias_update_stop_fraction", "mtp_switch_fraction", "val_fraction"):
-            value = getattr(self, name)
-            need(0 <= value <= 1, f"{name} must lie in [0, 1], got {value}")
-        need(self.vocab_size is None or self.vocab_size > 0, f"vocab_size must be positive, got {self.vocab_size}")
-        need(self.peak_tflops is None or self.peak_tflops > 0, f"peak_tflops must be positive, got {self.peak_tflops}")
-        need(self.price_per_device_hour >= 0, f"price_per_device_hour must be >= 0, got {self.price_per_device_hour}")
-        for name in ("on_nonfinite", "on_spike", "on_grad_explosion", "on_collapse"):
-            value = getattr(self.guard, name, None)
-            need(value is None or value in GUARD_ACTIONS,
-                 f"guard.{name}={value!r} (choose from {', '.join(GUARD_ACTIONS)})")
+        if len(sources) > 1:
+            raise ConfigError("invalid training config: give only one of preset, config and init_from")
+        if not self.min_lr <= self.lr:
+            raise ConfigError(f"invalid training config: min_lr must lie in [0, lr={self.lr}], got {self.min_lr}")
 
     @property
     def tokens_per_step(self) -> int:
         """Tokens per optimiser step on one rank (multiply by the world size for the global figure)."""
         return self.batch_size * self.grad_accum * self.seq_len
 
-    # ------------------------------------------------------------------ JSON
-    def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["betas"] = list(self.betas)
-        return out
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "train config") -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"{source}: unknown field(s) {', '.join(unknown)}")
-        data = dict(data)
-        if isinstance(data.get("guard"), dict):
-            guard_known = {f.name for f in dataclasses.fields(GuardConfig)}
-            bad = sorted(set(data["guard"]) - guard_known)
-            if bad:
-                raise ConfigError(f"{source}: unknown guard field(s) {', '.join(bad)}")
-            data["guard"] = GuardConfig(**data["guard"])
-        try:
-            return cls(**data)
-        except TypeError as exc:
-            raise ConfigError(f"{source}: {exc}") from None
+@dataclass
+class SFTConfig(TrainConfig):
+    """An SFT (or cold-start, or distillation) run: pretraining's settings with SFT defaults, plus
+    the generated cold-start set (R1's cold start: solver-written worked solutions in the chat form)."""
 
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    val_fraction: float = setting(0.02, "share of the examples held out (by hash) for the validation loss",
+                                  min=0, max=1)
+    max_steps: int = setting(500, "optimizer steps", min=1, resumable=True)
+    lr: float = setting(1e-4, "peak learning rate", min=0, min_inclusive=False)
+    warmup_steps: int = setting(20, "linear warmup steps", min=0)
+    checkpoint_every: int = setting(250, "steps between checkpoints", min=1, resumable=True)
+    eval_every: int = setting(100, "steps between validation losses", min=1, resumable=True)
+    cold_start: list[str] = setting(help="also (or instead) train on generated cold-start examples of these "
+                                    "tasks", metavar="TASK[:DIFFICULTY]", default_factory=list)
+    cold_start_n: int = setting(2000, "cold-start examples in total", min=1)
+    cold_start_seed: int | None = setting(None, "problem seed of the cold-start set (unset: --seed)", min=0)
+    cold_start_answer_only: float = setting(0.0, "share of cold-start examples that state the answer without "
+                                            "the working", min=0, max=1, metavar="FRACTION")
 
-    @classmethod
-    def load(cls, path: str | Path) -> TrainConfig:
-        path = Path(path)
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"cannot read training config {path}: {exc}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a JSON object")
-        return cls.from_dict(raw, source=str(path))
 
-    def replace(self, **changes: Any) -> TrainConfig:
-        return dataclasses.replace(self, **changes)
-
-    def differences(self, other: TrainConfig) -> dict[str, tuple[Any, Any]]:
-        """``{field: (self value, other value)}`` for the fields that differ (guard as one field)."""
-        a, b = self.to_dict(), other.to_dict()
-        return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+RESUME_CHANGEABLE = resumable(TrainConfig)
 
 
 def merge_resume_settings(stored: dict[str, Any], overrides: dict[str, Any], guard_overrides: dict[str, Any],

@@ -44,17 +44,16 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from ..errors import ConfigError, NanoseekError
+from ..errors import NanoseekError
+from .config import GuardConfig
 from .incidents import IncidentLog, short_number
 
-POLICIES = ("warn", "skip", "rollback", "lr_down")
-NONFINITE_POLICIES = ("skip", "lr_down", "rollback")  # never "warn": the NaN update would reach the weights
 SEVERITY = {"ok": 0, "warn": 1, "skip": 2, "lr_down": 3, "rollback": 4}
 KINDS = ("nonfinite", "loss_spike", "grad_explosion", "expert_collapse", "imbalance", "rollback")
 MAD_TO_SIGMA = 1.4826  # MAD × this estimates the standard deviation of normal data
@@ -126,73 +125,7 @@ class RobustWindow:
         self._values = [v for v in values if math.isfinite(v)][-self.size:]
 
 
-# --------------------------------------------------------------------------- config and decisions
-@dataclass
-class GuardConfig:
-    window: int = 50
-    min_history: int = 10
-    spike_zscore: float = 6.0
-    grad_norm_factor: float = 10.0
-    dead_expert_fraction: float = 0.5
-    imbalance_ratio: float = 8.0
-    on_nonfinite: str = "rollback"
-    on_spike: str = "skip"
-    on_grad_explosion: str = "skip"
-    on_collapse: str = "warn"
-    lr_down_factor: float = 0.5
-    max_rollbacks: int = 3
-    skip_batches_after_rollback: int = 1
-    # additions
-    mad_floor: float = 1e-3            # floor of the robust sigma, relative to |median loss|
-    min_load_per_expert: float = 4.0   # expert checks need >= this x n_experts assignments per layer
-    max_consecutive_skips: int = 10    # dropped updates in a row before escalating to rollback; 0 = never
-
-    def __post_init__(self):
-        for name in ("on_nonfinite", "on_spike", "on_grad_explosion", "on_collapse"):
-            value = getattr(self, name)
-            if value not in POLICIES:
-                raise ConfigError(f"GuardConfig.{name} = {value!r} is not a policy (choose from "
-                                  f"{', '.join(POLICIES)})")
-        if self.on_nonfinite not in NONFINITE_POLICIES:
-            raise ConfigError(f"GuardConfig.on_nonfinite (--on-nan) = {self.on_nonfinite!r} is refused: it would "
-                              f"apply a NaN/inf loss or gradient to the weights and checkpoint them; choose "
-                              f"skip, lr_down or rollback")
-
-        def need(name: str, ok: bool, what: str) -> None:
-            if not ok:
-                raise ConfigError(f"GuardConfig.{name} = {getattr(self, name)!r}: must be {what}")
-
-        need("window", isinstance(self.window, int) and self.window >= 1, "an integer >= 1")
-        need("min_history", isinstance(self.min_history, int) and 1 <= self.min_history <= self.window,
-             f"an integer in [1, window={self.window}]")
-        need("spike_zscore", self.spike_zscore > 0, "> 0")
-        need("grad_norm_factor", self.grad_norm_factor > 1, "> 1")
-        need("dead_expert_fraction", 0 < self.dead_expert_fraction <= 1, "in (0, 1]")
-        need("imbalance_ratio", self.imbalance_ratio > 1, "> 1")
-        need("lr_down_factor", 0 < self.lr_down_factor <= 1, "in (0, 1]")
-        need("max_rollbacks", isinstance(self.max_rollbacks, int) and self.max_rollbacks >= 0,
-             "an integer >= 0")
-        need("skip_batches_after_rollback",
-             isinstance(self.skip_batches_after_rollback, int) and self.skip_batches_after_rollback >= 0,
-             "an integer >= 0")
-        need("mad_floor", self.mad_floor >= 0, ">= 0")
-        need("min_load_per_expert", self.min_load_per_expert >= 0, ">= 0")
-        need("max_consecutive_skips",
-             isinstance(self.max_consecutive_skips, int) and self.max_consecutive_skips >= 0,
-             "an integer >= 0")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "GuardConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown GuardConfig field(s): {', '.join(unknown)}")
-        return cls(**d)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
+# --------------------------------------------------------------------------- decisions
 @dataclass
 class Decision:
     """What to do with this step: the most severe action among the incidents ("ok" when none)."""

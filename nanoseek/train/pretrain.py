@@ -62,15 +62,17 @@ from ..info import training_flops_per_token
 from ..model import DeepSeekV3, causal_lm_loss, update_routing_bias
 from ..fp8_training import convert_to_fp8
 from . import distributed as dist
-from .checkpoint import checkpoint_step, copy_tokenizer, list_checkpoints, load_model, read_trainer_state
-from .config import DATA_FIELDS, RESUME_CHANGEABLE, TrainConfig, merge_resume_settings
+from .checkpoint import copy_tokenizer, load_model, read_trainer_state
+from .config import DATA_FIELDS, TrainConfig
 from .cost import CostMeter
 from .faults import inject_nan, maybe_fault
-from .guard import GuardConfig, TrainingGuard
+from .guard import TrainingGuard
 from .optim import bias_speed_at, build_optimizer, lr_at, mtp_weight_at
-from .run import RunTrainer, absolute_path, finite, format_line, peak_memory_bytes, run_lock, silent, start_run_dir
+from .run import (RunTrainer, absolute_path, finite, format_line, peak_memory_bytes, resolve_settings, run_lock,
+                  silent, start_run_dir)
 
 STAGE = "pretrain"
+CONFIG_FILE = "train_config.json"
 STATE_VERSION = 1
 # bf16 dense 8192³ matmul as measured on one H100 SXM, 2026-11-23 (benchmarks/RESULTS.md)
 KNOWN_PEAK_TFLOPS = {"H100": 790.0, "H200": 790.0}
@@ -114,60 +116,30 @@ def _is_shard_dir(paths: list[str]) -> bool:
 
 
 # ----------------------------------------------------------------------------- configuration
-def resolve_config(run_dir: Path, overrides: dict[str, Any], resume: bool, log: Callable = print) -> TrainConfig:
-    """The run's TrainConfig: from ``overrides`` (fresh run) or ``run_dir/train_config.json`` (resume).
-
-    Raises :class:`NanoseekError` for ``--resume`` without a checkpoint, and for an ``--out`` that
-    already holds another run (or this run with checkpoints) without ``--resume``.
-    """
+def resolve_config(run_dir: Path, overrides: dict[str, Any], resume: bool, log: Callable = print,
+                   config_cls: type[TrainConfig] = TrainConfig) -> TrainConfig:
+    """The run's settings (``config_cls``: TrainConfig, or SFTConfig for SFT and distillation): from
+    ``overrides`` (fresh run) or ``run_dir/train_config.json`` (resume; see
+    :func:`~nanoseek.train.run.resolve_settings`)."""
     overrides = dict(overrides)
     for key in ("config", "init_from", "tokenizer"):
         if overrides.get(key) is not None:
             overrides[key] = absolute_path(overrides[key])
     if overrides.get("data"):
         overrides["data"] = [absolute_path(p) for p in overrides["data"]]
-    guard_over = overrides.pop("guard", None) or {}
-    cfg_path = run_dir / "train_config.json"
 
-    if resume:
-        if not cfg_path.is_file() or not list_checkpoints(run_dir):  # intact or not: the Trainer picks
-            raise NanoseekError(f"--resume: no checkpoint in {run_dir} to resume from "
-                                f"(run without --resume to start a new run there)")
-        data = merge_resume_settings(TrainConfig.load(cfg_path).to_dict(), overrides, guard_over,
-                                     RESUME_CHANGEABLE, run_dir, log, ignore=DATA_FIELDS)
-        return TrainConfig.from_dict(data, source=str(cfg_path))
+    def build(fields: dict[str, Any]) -> TrainConfig:
+        sources = [k for k in ("preset", "config", "init_from") if fields.get(k) is not None]
+        if len(sources) > 1:
+            raise ConfigError(f"give only one of --preset, --config and --init-from (got {', '.join(sources)})")
+        if not sources:
+            fields["preset"] = "small"
+        if not fields.get("data"):
+            raise NanoseekError("--data is required: text files, directories or globs (txt/jsonl/parquet), "
+                                "or a shard directory with a manifest.json")
+        return config_cls.from_dict(fields)
 
-    fields = {k: v for k, v in overrides.items() if v is not None}
-    if guard_over:
-        fields["guard"] = GuardConfig(**guard_over)
-    sources = [k for k in ("preset", "config", "init_from") if fields.get(k) is not None]
-    if len(sources) > 1:
-        raise ConfigError(f"give only one of --preset, --config and --init-from (got {', '.join(sources)})")
-    if not sources:
-        fields["preset"] = "small"
-    if not fields.get("data"):
-        raise NanoseekError("--data is required: text files, directories or globs (txt/jsonl/parquet), "
-                            "or a shard directory with a manifest.json")
-    cfg = TrainConfig(**fields)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise NanoseekError(f"--out {run_dir} exists and is not a directory")
-    if cfg_path.is_file():
-        stored = TrainConfig.load(cfg_path)
-        ckpts = list_checkpoints(run_dir)
-        diffs = stored.differences(cfg)
-        if ckpts and diffs:
-            shown = "; ".join(f"{k}: run {a!r}, given {b!r}" for k, (a, b) in sorted(diffs.items())[:6])
-            raise NanoseekError(f"--out {run_dir} already holds a run with a different config ({shown}); "
-                                f"pass --resume to continue that run, or choose another --out")
-        if ckpts:
-            raise NanoseekError(f"--out {run_dir} already holds this run with checkpoints up to step "
-                                f"{checkpoint_step(ckpts[-1])}; pass --resume to continue it, or choose another --out")
-        # No checkpoint yet (an attempt that failed or was killed while preparing): nothing to lose.
-        log(f"note: {run_dir} holds a run that never reached its first checkpoint: starting over there")
-    elif run_dir.is_dir() and any(p.name != ".lock" for p in run_dir.iterdir()):
-        raise NanoseekError(f"--out {run_dir} is a non-empty directory that holds no nanoseek run; "
-                            f"choose an empty or new directory")
-    return cfg
+    return resolve_settings(run_dir, CONFIG_FILE, config_cls, overrides, resume, build, log, ignore=DATA_FIELDS)
 
 
 # ----------------------------------------------------------------------------- data
@@ -617,19 +589,19 @@ def pretrain(out: str | os.PathLike, overrides: dict[str, Any], resume: bool = F
 
 
 def run_stage(out: str | os.PathLike, overrides: dict[str, Any], resume: bool = False, log: Callable = print,
-              trainer_factory: Callable[..., Trainer] = Trainer) -> dict:
-    """What every :class:`Trainer` stage runs (pretrain, sft, distill): resolve the config, lock the run
-    directory, then ``trainer_factory(cfg, run_dir, resume, log).train()``."""
+              trainer_factory: Callable[..., Trainer] = Trainer, config_cls: type[TrainConfig] = TrainConfig) -> dict:
+    """What every :class:`Trainer` stage runs (pretrain, sft, distill): resolve the settings
+    (``config_cls``), lock the run directory, then ``trainer_factory(cfg, run_dir, resume, log).train()``."""
     run_dir = Path(out).expanduser().resolve()
     if not dist.launched_main():  # under torchrun only rank 0 speaks (and writes files)
         log = silent
-    cfg = resolve_config(run_dir, overrides, resume, log)
+    cfg = resolve_config(run_dir, overrides, resume, log, config_cls)
     run_dir.mkdir(parents=True, exist_ok=True)
     dist.init_distributed(pick_device(cfg.device))  # torchrun: join the process group; no-op in one process
     with run_lock(run_dir):
         start_run_dir(run_dir, resume, ("metrics.jsonl", "incidents.jsonl"))
         if dist.is_main():
-            cfg.save(run_dir / "train_config.json")
+            cfg.save(run_dir / CONFIG_FILE)
         if cfg.tensorboard:  # a clear error before any data work
             _summary_writer()
         if cfg.deterministic:

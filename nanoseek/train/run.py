@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from ..errors import CheckpointError, NanoseekError
 from ..report import write_report
+from ..settings import resumable
 from . import distributed as dist
 from .checkpoint import (
     TRAINER_STATE,
@@ -41,6 +42,7 @@ from .checkpoint import (
     checkpoint_step,
     describe_nonfinite,
     latest_checkpoint,
+    list_checkpoints,
     publish_final,
     read_trainer_state,
     restore_model,
@@ -48,6 +50,7 @@ from .checkpoint import (
     restore_rng,
     save_checkpoint,
 )
+from .config import merge_resume_settings
 
 STATE_VERSION = 1
 
@@ -95,6 +98,48 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         yield
     finally:
         fh.close()
+
+
+def resolve_settings(run_dir: Path, config_file: str, cls: type, overrides: dict[str, Any], resume: bool,
+                     build: Callable[[dict[str, Any]], Any], log: Callable[[str], Any] = print,
+                     ignore: frozenset[str] = frozenset(), what: str = "") -> Any:
+    """A run's settings (a :class:`~nanoseek.settings.Settings` subclass ``cls``; ``what`` names the
+    kind of run in messages).
+
+    Fresh run: ``build(overrides)``; ``--out`` must be new, empty, or an attempt that never reached
+    its first checkpoint (anything else would be lost or mixed up). Resume: the stored
+    ``RUN_DIR/config_file`` with ``overrides`` applied where the field is declared resumable (each
+    change logged; any other difference is refused naming it; ``ignore`` fields, such as data paths,
+    are skipped); ``overrides["guard"]`` holds guard fields. Errors name ``run_dir`` and the file.
+    """
+    cfg_path = run_dir / config_file
+    kind = f"{what} " if what else ""
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if resume:
+        if not cfg_path.is_file() or not list_checkpoints(run_dir):  # intact or not: the trainer picks
+            raise NanoseekError(f"--resume: no {kind}checkpoint in {run_dir} to resume from "
+                                f"(run without --resume to start a new run there)")
+        guard = overrides.pop("guard", None) or {}
+        guard = guard.to_dict() if hasattr(guard, "to_dict") else dict(guard)
+        data = merge_resume_settings(cls.load(cfg_path).to_dict(), overrides, guard, resumable(cls), run_dir, log,
+                                     ignore=ignore)
+        return cls.from_dict(data, source=str(cfg_path))
+    cfg = build(overrides)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise NanoseekError(f"--out {run_dir} exists and is not a directory")
+    if cfg_path.is_file():
+        ckpts = list_checkpoints(run_dir)
+        if ckpts:
+            diffs = cls.load(cfg_path).differences(cfg)
+            shown = "; ".join(f"{k}: run {a!r}, given {b!r}" for k, (a, b) in sorted(diffs.items())[:6])
+            held = f"a {kind}run with a different config ({shown})" if diffs else "this run"
+            raise NanoseekError(f"--out {run_dir} already holds {held} with checkpoints up to step "
+                                f"{checkpoint_step(ckpts[-1])}; pass --resume to continue it, or choose another --out")
+        log(f"note: {run_dir} holds a run that never reached its first checkpoint: starting over there")
+    elif run_dir.is_dir() and any(p.name != ".lock" for p in run_dir.iterdir()):
+        raise NanoseekError(f"--out {run_dir} is a non-empty directory that holds no {kind}run; "
+                            f"choose an empty or new directory")
+    return cfg
 
 
 def start_run_dir(run_dir: Path, resume: bool, logs: tuple[str, ...]) -> None:

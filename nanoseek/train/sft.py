@@ -31,14 +31,11 @@ from ..data.sft import build_sft_data, load_sft_data, read_sft_meta
 from ..errors import NanoseekError
 from ..tasks.coldstart import make_cold_start, write_jsonl
 from .checkpoint import install_tokenizer, latest_checkpoint, read_trainer_state
+from .config import SFTConfig
 from .pretrain import Trainer, run_stage
 
 STAGE = "sft"
 COLD_START_FILE = "cold_start.jsonl"
-DEFAULT_COLD_START_N = 2000
-# TrainConfig values that differ for SFT when not given (a fresh run; resume keeps the run's own).
-SFT_DEFAULTS: dict[str, Any] = {"lr": 1e-4, "warmup_steps": 20, "max_steps": 500, "eval_every": 100,
-                                "checkpoint_every": 250, "val_fraction": 0.02}
 
 
 def prepare_sft_data(cfg, run_dir: Path, fresh: bool, log: Callable = print,
@@ -124,25 +121,20 @@ def sft(out: str | os.PathLike, overrides: dict[str, Any], resume: bool = False,
         stage: str = STAGE, make_data: Callable[[Callable], None] | None = None) -> dict:
     """Run (or ``resume``) an SFT run in ``out``. Returns the trainer's summary (``final``: RUN_DIR/final).
 
-    ``overrides`` are TrainConfig fields plus ``cold_start`` (``["task[:difficulty]", ...]``),
-    ``cold_start_n`` (examples in total, default 2000), ``cold_start_seed`` (default: ``seed``) and
-    ``cold_start_answer_only`` (the share of examples without the working, default 0).
-    A fresh run needs a model (``init_from``, or ``preset``/``config`` with ``tokenizer``) and data
-    (``data`` chat JSONL files and/or ``cold_start``); unset TrainConfig fields take
-    :data:`SFT_DEFAULTS`, then the TrainConfig defaults. ``make_data(log)``, when given, runs on a
-    fresh start before the data is packed (distillation samples its data there).
+    ``overrides`` are :class:`~nanoseek.train.config.SFTConfig` fields (SFT's defaults; the
+    cold-start set is ``cold_start`` ``["task[:difficulty]", ...]`` with ``cold_start_n``,
+    ``cold_start_seed`` and ``cold_start_answer_only``, all stored in the run's config). A fresh run
+    needs a model (``init_from``, or ``preset``/``config`` with ``tokenizer``) and data (``data``
+    chat JSONL files and/or ``cold_start``). ``make_data(log)``, when given, runs on a fresh start
+    before the data is packed (distillation samples its data there).
     """
     run_dir = Path(out).expanduser().resolve()
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    cold = overrides.pop("cold_start", None) or []
-    if isinstance(cold, str):
-        cold = [cold]
-    cold_n = int(overrides.pop("cold_start_n", DEFAULT_COLD_START_N))
-    cold_seed = overrides.pop("cold_start_seed", None)
-    cold_answer_only = float(overrides.pop("cold_start_answer_only", 0.0))
+    if isinstance(overrides.get("cold_start"), str):
+        overrides["cold_start"] = [overrides["cold_start"]]
     if resume:
         check_stage(run_dir, stage)
-        return run_stage(run_dir, overrides, True, log, functools.partial(SFTTrainer, stage=stage))
+        return run_stage(run_dir, overrides, True, log, functools.partial(SFTTrainer, stage=stage), SFTConfig)
 
     if not any(overrides.get(k) is not None for k in ("init_from", "preset", "config")):
         raise NanoseekError(f"{stage} needs a model to start from: --init-from CKPT")
@@ -150,25 +142,25 @@ def sft(out: str | os.PathLike, overrides: dict[str, Any], resume: bool = False,
         raise NanoseekError(f"{stage} from --preset/--config needs --tokenizer DIR")
     data = [str(p) for p in overrides.get("data") or []]
     makers = [make_data] if make_data is not None else []
-    if cold:
-        seed = int(cold_seed if cold_seed is not None else overrides.get("seed", 0))
-        make_cold_start(cold, 1, seed=seed, answer_only_fraction=cold_answer_only)  # check before any work
+    cold = SFTConfig(init_from="-", **{k: v for k, v in overrides.items() if k.startswith("cold_start") or k == "seed"})
+    if cold.cold_start:
+        seed = cold.cold_start_seed if cold.cold_start_seed is not None else cold.seed
+        make_cold_start(cold.cold_start, 1, seed=seed, answer_only_fraction=cold.cold_start_answer_only)  # check first
         data.insert(0, str(run_dir / COLD_START_FILE))
-        makers.append(cold_start_maker(run_dir, list(cold), cold_n, seed, cold_answer_only))
+        makers.append(cold_start_maker(run_dir, list(cold.cold_start), cold.cold_start_n, seed,
+                                       cold.cold_start_answer_only))
     if not data:
         raise NanoseekError(f"{stage} needs data: --data FILE.jsonl ... (chat JSONL) and/or "
                             f"--cold-start TASK[:DIFFICULTY]")
     overrides["data"] = data
-    for key, value in SFT_DEFAULTS.items():
-        overrides.setdefault(key, value)
 
     def make_all(log_fn: Callable) -> None:
         for maker in makers:
             maker(log_fn)
 
     factory = functools.partial(SFTTrainer, stage=stage, make_data=make_all if makers else None)
-    return run_stage(run_dir, overrides, False, log, factory)
+    return run_stage(run_dir, overrides, False, log, factory, SFTConfig)
 
 
-__all__ = ["COLD_START_FILE", "SFT_DEFAULTS", "SFTTrainer", "check_stage", "cold_start_maker", "prepare_sft_data",
+__all__ = ["COLD_START_FILE", "SFTTrainer", "check_stage", "cold_start_maker", "prepare_sft_data",
            "sft"]
