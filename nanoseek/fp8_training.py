@@ -44,12 +44,9 @@ GPU, the emulation inherits TF32 rounding, ~1e-3, far below the FP8 error). Outp
 autocast dtype when autocast is on (as ``nn.Linear`` would), else in the input's dtype; gradients in
 the dtype of the tensor they belong to.
 
-Backends. ``backend="torch"`` is the pure-PyTorch quantise-dequantise emulation above: exact about
-what FP8 storage loses, runs on any device (the CPU included), but it multiplies dequantised float32
-copies, so it is SLOWER than bf16, not faster. ``backend="triton"`` is reserved for the GPU kernels
-(fused 1x128 / 128x1 quantisation, FP8 dense GEMM with block scales and FP32 promotion, FP8 grouped
-GEMM for the experts) — they are not written yet: asking for them raises :class:`NanoseekError`.
-``backend="auto"`` picks ``torch`` for now.
+This is a pure-PyTorch quantise-dequantise emulation: exact about what FP8 storage loses, runs on
+any device (the CPU included), but it multiplies dequantised float32 copies, so it is SLOWER than
+bf16, not faster. There are no fused GPU kernels (FP8 GEMMs with block scales) yet.
 
 Apply the conversion after the model is built (and moved to its device) and before the optimizer
 and ``torch.compile`` are created.
@@ -79,42 +76,19 @@ from .model.moe import RoutedExperts, grouped_matmul
 from .model.mtp import MTPModule
 
 __all__ = [
-    "BACKENDS",
     "Float8BlockLinear",
     "Float8RoutedExperts",
     "convert_to_fp8",
     "fp8_converted_modules",
-    "resolve_backend",
     "fake_quantize_rows",
     "fake_quantize_segment_columns",
     "quantize_weight_stack",
     "dequantize_weight_stack",
 ]
 
-BACKENDS = ("auto", "torch", "triton")
-
 ATTENTION_LINEARS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
 SWIGLU_LINEARS = ("gate_proj", "up_proj", "down_proj")
 MTP_LINEARS = ("eh_proj",)
-
-
-# =============================================================================== backend choice
-def resolve_backend(backend: str) -> str:
-    """The backend that will run: ``torch`` (emulation); ``triton`` raises until its kernels exist."""
-    if backend not in BACKENDS:
-        raise NanoseekError(f"unknown FP8 backend {backend!r} (choose from {', '.join(BACKENDS)})")
-    if backend in ("auto", "torch"):
-        return "torch"  # "auto" becomes "triton" once the GPU kernels exist
-    if not torch.cuda.is_available():
-        raise NanoseekError("FP8 backend 'triton' needs a CUDA GPU and this machine has none; "
-                            "use backend='torch' (the quantise-dequantise emulation, runs anywhere)")
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        raise NanoseekError("FP8 backend 'triton' needs the triton package (pip install triton); "
-                            "use backend='torch' meanwhile") from None
-    raise NanoseekError("FP8 backend 'triton': the Triton kernels (block quantisation, FP8 dense and grouped "
-                        "GEMMs) are not written yet; use backend='torch' (emulation) for now")
 
 
 # =============================================================================== quantisation helpers
@@ -238,15 +212,13 @@ class Float8BlockLinear(nn.Linear):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
-                 block: int = 128, ue8m0: bool = False, backend: str = "torch"):
+                 block: int = 128, ue8m0: bool = False):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.block = _check_block(block)
         self.ue8m0 = bool(ue8m0)
-        self.backend = resolve_backend(backend)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, *, block: int = 128, ue8m0: bool = False,
-                    backend: str = "torch") -> Float8BlockLinear:
+    def from_linear(cls, linear: nn.Linear, *, block: int = 128, ue8m0: bool = False) -> Float8BlockLinear:
         """A converted copy of ``linear`` holding the SAME ``weight``/``bias`` Parameter objects."""
         new = cls.__new__(cls)
         nn.Module.__init__(new)
@@ -255,7 +227,6 @@ class Float8BlockLinear(nn.Linear):
         new.register_parameter("bias", linear.bias)
         new.block = _check_block(block)
         new.ue8m0 = bool(ue8m0)
-        new.backend = resolve_backend(backend)
         new.train(linear.training)
         return new
 
@@ -290,8 +261,7 @@ class Float8BlockLinear(nn.Linear):
         return xq, xs, wq, ws
 
     def extra_repr(self) -> str:
-        return (f"{super().extra_repr()}, fp8=e4m3 block={self.block} ue8m0={self.ue8m0} "
-                f"backend={self.backend}")
+        return f"{super().extra_repr()}, fp8=e4m3 block={self.block} ue8m0={self.ue8m0}"
 
 
 # =============================================================================== routed experts
@@ -343,8 +313,7 @@ class Float8RoutedExperts(RoutedExperts):
     """
 
     @classmethod
-    def from_experts(cls, experts: RoutedExperts, *, block: int = 128, ue8m0: bool = False,
-                     backend: str = "torch") -> Float8RoutedExperts:
+    def from_experts(cls, experts: RoutedExperts, *, block: int = 128, ue8m0: bool = False) -> Float8RoutedExperts:
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.gate_up_proj = experts.gate_up_proj
@@ -352,7 +321,6 @@ class Float8RoutedExperts(RoutedExperts):
         new.impl = experts.impl
         new.block = _check_block(block)
         new.ue8m0 = bool(ue8m0)
-        new.backend = resolve_backend(backend)
         new.train(experts.training)
         return new
 
@@ -364,7 +332,7 @@ class Float8RoutedExperts(RoutedExperts):
     def extra_repr(self) -> str:
         e, two_i, h = self.gate_up_proj.shape
         return (f"experts={e}, hidden={h}, intermediate={two_i // 2}, fp8=e4m3 block={self.block} "
-                f"ue8m0={self.ue8m0} backend={self.backend}")
+                f"ue8m0={self.ue8m0}")
 
 
 # =============================================================================== conversion
@@ -378,7 +346,7 @@ def _linear_names(parent: nn.Module) -> tuple[str, ...]:
     return ()
 
 
-def convert_to_fp8(model: nn.Module, ue8m0: bool = False, backend: str = "auto", *, block: int = 128,
+def convert_to_fp8(model: nn.Module, ue8m0: bool = False, *, block: int = 128,
                    filter_fn: Callable[[str, nn.Module], bool] | None = None) -> nn.Module:
     """Swap ``model``'s FP8-eligible GEMMs for block-wise FP8 ones, in place; returns ``model``.
 
@@ -391,7 +359,6 @@ def convert_to_fp8(model: nn.Module, ue8m0: bool = False, backend: str = "auto",
     building the optimizer and before ``torch.compile``; parameters stay the same objects, so an
     optimizer built earlier keeps working too.
     """
-    backend = resolve_backend(backend)
     _check_block(block)
     if hasattr(model, "_orig_mod"):
         raise NanoseekError("convert_to_fp8: got a torch.compile'd model; convert the plain model first, "
@@ -406,10 +373,10 @@ def convert_to_fp8(model: nn.Module, ue8m0: bool = False, backend: str = "auto",
                 continue
             if child_name in wanted and type(child) is nn.Linear:
                 swaps.append((parent, child_name, Float8BlockLinear.from_linear(
-                    child, block=block, ue8m0=ue8m0, backend=backend)))
+                    child, block=block, ue8m0=ue8m0)))
             elif type(child) is RoutedExperts:
                 swaps.append((parent, child_name, Float8RoutedExperts.from_experts(
-                    child, block=block, ue8m0=ue8m0, backend=backend)))
+                    child, block=block, ue8m0=ue8m0)))
     for parent, child_name, new in swaps:
         setattr(parent, child_name, new)
     return model

@@ -23,11 +23,21 @@ import dataclasses
 import json
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from .config import get_preset
+from .device import device_name, pick_device
 from .errors import NanoseekError
+from .hf import load_with_tokenizer
+from .infer.engine import Engine
+from .report import write_report
+from .rl.grpo import grpo
+from .tasks import answer_only_mix, format_completion, get_task
+from .tasks.evaluate import evaluate
+from .train.pretrain import pretrain
+from .train.sft import sft
 
 SUMMARY_FILE = "summary.json"
 
@@ -101,18 +111,16 @@ def corpus_text(problem) -> str:
     and the completion. The chat form's constant system instruction is left out: repeated in every
     document it took a quarter of each step's tokens and taught nothing; the cold-start SFT, which
     teaches the role tokens, also teaches the model to read past it."""
-    from .tasks import format_completion
 
     return f"{problem.prompt}\n{format_completion(problem)}"
 
 
-def base_prompt(tokenizer, problem) -> str:
+def base_prompt(problem) -> str:
     """How a base model (no chat turns yet) is asked: the pretraining document's prefix."""
     return f"{problem.prompt}\n"
 
 
 def write_corpus(path: Path, preset: SpeedrunPreset, seed: int) -> int:
-    from .tasks import answer_only_mix, get_task
 
     problems = answer_only_mix(get_task(preset.task).generate(seed, preset.corpus_problems, preset.difficulty),
                                preset.answer_only_fraction, seed)
@@ -166,15 +174,6 @@ def run_speedrun(out: str | Path, preset: str = "cpu", seed: int = 0, device: st
                  answer_only_fraction: float | None = None) -> dict:
     """Run every stage into ``out``; returns the summary (also written to ``out/summary.json``).
     ``answer_only_fraction`` replaces the preset's :attr:`SpeedrunPreset.answer_only_fraction`."""
-    from .config import get_preset
-    from .device import device_name, pick_device
-    from .hf import load_with_tokenizer
-    from .infer.engine import Engine
-    from .rl.grpo import grpo
-    from .report import write_report
-    from .tasks.evaluate import chat_prompt, evaluate
-    from .train.pretrain import pretrain
-    from .train.sft import sft
 
     if preset not in PRESETS:
         raise NanoseekError(f"unknown speedrun preset {preset!r} (choose from {', '.join(PRESETS)})")
@@ -204,7 +203,7 @@ def run_speedrun(out: str | Path, preset: str = "cpu", seed: int = 0, device: st
     log(f"speedrun: corpus of {n} {p.task} problems (difficulty {p.difficulty}), "
         f"{p.answer_only_fraction:.0%} answering without the working, the rest with worked solutions")
 
-    def held_out(stage: str, ckpt: Path, prompt_fn) -> dict:
+    def held_out(stage: str, ckpt: Path, prompt_fn: Callable | None = None) -> dict:
         t0 = time.perf_counter()
         model, tokenizer = load_with_tokenizer(str(ckpt), device)
         engine = Engine(model, tokenizer, max_slots=64, max_seq_len=512 + p.eval_max_tokens)
@@ -233,12 +232,12 @@ def run_speedrun(out: str | Path, preset: str = "cpu", seed: int = 0, device: st
                                               cold_start=[f"{p.task}:{p.difficulty}"], cold_start_n=cold_n,
                                               cold_start_answer_only=p.answer_only_fraction,
                                               **sft_cfg, **common), log=log)
-    results["sft"] = held_out("sft", run / "sft" / "final", chat_prompt)
+    results["sft"] = held_out("sft", run / "sft" / "final")
 
     log("speedrun: stage 3/3: GRPO")
     timed_stage("grpo", grpo, run / "grpo", init_from=str(run / "sft" / "final"), task=f"{p.task}:{p.difficulty}",
                 **p.grpo, **common, log=log)
-    results["grpo"] = held_out("grpo", run / "grpo" / "final", chat_prompt)
+    results["grpo"] = held_out("grpo", run / "grpo" / "final")
 
     final = run / "final"
     if final.exists():

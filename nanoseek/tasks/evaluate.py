@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from ..infer.sampling import SamplingParams
 from .base import Problem, Task, Verdict, chat_messages, format_ok, parse_answer
@@ -112,12 +112,13 @@ def score(task: Task, problems: Sequence[Problem], completions: Sequence[Sequenc
 
 def evaluate(engine, tokenizer, task: Task | str, n_problems: int = 200, difficulty: int = 1,
              samples: int = 1, k: int = 1, temperature: float = 0.0, max_tokens: int = 256,
-             seed: int = 0, prompt_fn=chat_prompt) -> EvalResult:
+             seed: int = 0, prompt_fn: Callable[[Problem], str] | None = None) -> EvalResult:
     """Generate ``samples`` completions per held-out problem with the shared engine and score them.
 
     With ``samples == 1`` and temperature 0 this is greedy accuracy; for pass@k / maj@k use
-    ``samples >= k`` and a temperature > 0. ``prompt_fn(tokenizer, problem) -> str`` builds the prompt
-    (default: the chat form; a base model is asked in its pretraining format instead).
+    ``samples >= k`` and a temperature > 0. ``prompt_fn(problem) -> str`` builds the prompt (default:
+    the checkpoint's chat form, :func:`chat_prompt`; a base model is asked in its pretraining format
+    instead).
     """
     task = get_task(task) if isinstance(task, str) else task
     if samples < k:
@@ -125,7 +126,7 @@ def evaluate(engine, tokenizer, task: Task | str, n_problems: int = 200, difficu
     problems = eval_problems(task, n_problems, difficulty, seed)
     prompts, params = [], []
     for i, problem in enumerate(problems):
-        text = prompt_fn(tokenizer, problem)
+        text = prompt_fn(problem) if prompt_fn is not None else chat_prompt(tokenizer, problem)
         for j in range(samples):
             prompts.append(text)
             params.append(SamplingParams(temperature=temperature, max_tokens=max_tokens,
