@@ -10,6 +10,7 @@ import time
 
 
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of ``nanoseek generate``."""
     p.add_argument("--ckpt", required=True, help="checkpoint directory (config.json, *.safetensors, tokenizer.json)")
     p.add_argument("--prompt", required=True, help="the prompt text (the user message with --chat)")
     p.add_argument("--max-tokens", type=int, default=256, help="tokens to generate at most (default 256)")
@@ -30,6 +31,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of ``nanoseek serve``."""
     p.add_argument("--ckpt", required=True, help="checkpoint directory (config.json, *.safetensors, tokenizer.json)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
@@ -59,6 +61,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_chat_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of ``nanoseek chat``."""
     p.add_argument("--ckpt", required=True, help="checkpoint directory (config.json, *.safetensors, tokenizer.json)")
     p.add_argument("--system", default=None, help="a system prompt for the whole conversation")
     p.add_argument("--temperature", type=float, default=0.7, help="0 means greedy (default 0.7)")
@@ -74,6 +77,7 @@ def add_chat_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def generate_main(args: argparse.Namespace) -> int:
+    """``nanoseek generate --ckpt DIR --prompt TEXT``: stream one completion to stdout."""
     from ..hf import load_with_tokenizer
     from .engine import Engine
     from .sampling import GenerationError, SamplingParams

@@ -108,6 +108,7 @@ class EngineStats:
         return self.decode_tokens / self.decode_rows if self.decode_rows else None
 
     def as_dict(self) -> dict[str, Any]:
+        """The counters and the derived rates as one dict (for JSON reports)."""
         d = asdict(self)
         d["acceptance_rate"] = self.acceptance_rate
         d["tokens_per_forward"] = self.tokens_per_forward
@@ -248,17 +249,21 @@ class Engine:
         return True
 
     def has_unfinished(self) -> bool:
+        """Whether any request is waiting for a slot or running."""
         return bool(self._waiting or self._running)
 
     @property
     def num_waiting(self) -> int:
+        """Requests waiting for a cache slot."""
         return len(self._waiting)
 
     @property
     def num_running(self) -> int:
+        """Requests holding a cache slot."""
         return len(self._running)
 
     def reset_stats(self) -> None:
+        """Start the counters of :attr:`stats` from zero."""
         self.stats = EngineStats(cache_bytes_per_token=self.cache.bytes_per_token())
 
     # ------------------------------------------------------------------ stepping

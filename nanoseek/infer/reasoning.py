@@ -50,6 +50,7 @@ class ReasoningSplitter:
         self.saw_reasoning = in_reasoning
 
     def feed(self, text: str) -> tuple[str, str]:
+        """Add a delta of output; ``(reasoning, content)`` released by it (text that may start a tag is held)."""
         self._buf += text
         reasoning, content = [], []
         while True:

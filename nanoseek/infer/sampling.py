@@ -94,6 +94,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
+        """Temperature 0: the most likely token, no random draw."""
         return self.temperature == 0
 
     def make_generator(self) -> torch.Generator | None:
