@@ -87,7 +87,6 @@ from ..tasks.evaluate import evaluate
 from ..train import distributed as dist
 from ..train.checkpoint import install_tokenizer, load_model, read_trainer_state
 from ..train.cost import CostMeter
-from ..train.faults import maybe_fault
 from ..train.optim import build_optimizer, train_top_layers
 from ..train.run import (RunTrainer, absolute_path, finite, format_line, peak_memory_bytes, resolve_settings,
                          run_lock, silent, start_run_dir)
@@ -394,57 +393,57 @@ class GRPOTrainer(RunTrainer):
                                      "length": len(c.token_ids), "finish_reason": c.finish_reason}) + "\n")
 
     def train(self) -> dict:
+        """Run to ``cfg.steps`` (from the restored step when resuming); returns the run's summary."""
         cfg = self.cfg
         self._t_start = time.perf_counter()
+        self.last_eval: dict = {}
         if self.ckpt is None:
             self.log(f"checkpoint: {self.save()} (initial policy)")
-        last_eval: dict = {}
-        with self.bookkeeping(cfg.steps) as (bar, say, metrics):
-            while self.step < cfg.steps:
-                step_no = self.step + 1
-                maybe_fault("kill_at_step", step_no)  # TEST-ONLY (see nanoseek.train.faults)
-                t0 = time.perf_counter()
-                roll = self.rollout(self.batch)
-                seen = StepSamples.gather(roll, dist.gather_json)  # every rank's samples, for metrics and guard
-                self.batch += 1
-                if seen.reward_errors:
-                    self.guard.note_reward_errors(step_no, seen.reward_errors, seen.n, REWARD_ON_ERROR)
-                upd = self.update(roll, self.step)
-                self.cost.add_samples(seen.n)
-                self.cost.add_tokens(seen.tokens_processed)
-                t_step = time.perf_counter() - t0
-                signals = {**seen.signals(), "kl": upd.get("kl"), "entropy": upd.get("entropy")}
-                decision = self.guard.check(step_no, signals, seen.token_ids)
-                action = decision.action
-                if action == "rollback":
-                    # the offending step's record first: the rollback may stop the run (max_rollbacks)
-                    self.write_record(metrics, self._record(step_no, action, roll, seen, upd, t_step))
-                    if self.rollback(step_no):
-                        bar.n = self.step
-                        bar.refresh()
-                        continue
-                self.guard.accept(signals)
-                self.step += 1
-                rec = self._record(self.step, action, roll, seen, upd, t_step)
-                if upd["update_skipped"]:
-                    say(f"step {self.step}: all {upd['groups_kept'] + upd['groups_dropped']} groups have zero "
-                        f"reward variance: update skipped")
-                elif upd["groups_dropped"]:
-                    rec["note"] = f"dynamic sampling dropped {upd['groups_dropped']} zero-variance groups"
-                if cfg.eval_every and dist.is_main() and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
-                    last_eval = self.evaluate()
-                    rec.update(last_eval)
-                if self.step == 1 or self.step % cfg.samples_every == 0 or self.step == cfg.steps:
-                    self._write_samples(self.step, roll)
-                self.write_record(metrics, rec)
-                say(self._line(rec))
-                bar.update(1)
-                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
-                    say(f"checkpoint: {self.save()}")
+        self.run_steps(cfg.steps, self._train_step)
         final, report = self.finish(report=cfg.report)
         self.log(f"done: {self.step} GRPO steps; final policy {final}")
         return {"step": self.step, "final": final, "run_dir": self.run_dir, "report": report,
-                "eval_accuracy": last_eval.get("eval_accuracy"), "incidents": dict(self.guard.counts)}
+                "eval_accuracy": self.last_eval.get("eval_accuracy"), "incidents": dict(self.guard.counts)}
+
+    def _train_step(self, step_no: int, say: Callable[[str], Any], metrics) -> bool:
+        """Sample, update, judge (see the module docstring); False when the guard rolled back."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        roll = self.rollout(self.batch)
+        seen = StepSamples.gather(roll, dist.gather_json)  # every rank's samples, for metrics and guard
+        self.batch += 1
+        if seen.reward_errors:
+            self.guard.note_reward_errors(step_no, seen.reward_errors, seen.n, REWARD_ON_ERROR)
+        upd = self.update(roll, self.step)
+        self.cost.add_samples(seen.n)
+        self.cost.add_tokens(seen.tokens_processed)
+        t_step = time.perf_counter() - t0
+        signals = {**seen.signals(), "kl": upd.get("kl"), "entropy": upd.get("entropy")}
+        decision = self.guard.check(step_no, signals, seen.token_ids)
+        action = decision.action
+        if action == "rollback":
+            # the offending step's record first: the rollback may stop the run (max_rollbacks)
+            self.write_record(metrics, self._record(step_no, action, roll, seen, upd, t_step))
+            if self.rollback(step_no):
+                return False
+        self.guard.accept(signals)
+        self.step += 1
+        rec = self._record(self.step, action, roll, seen, upd, t_step)
+        if upd["update_skipped"]:
+            say(f"step {self.step}: all {upd['groups_kept'] + upd['groups_dropped']} groups have zero "
+                f"reward variance: update skipped")
+        elif upd["groups_dropped"]:
+            rec["note"] = f"dynamic sampling dropped {upd['groups_dropped']} zero-variance groups"
+        if cfg.eval_every and dist.is_main() and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
+            self.last_eval = self.evaluate()
+            rec.update(self.last_eval)
+        if self.step == 1 or self.step % cfg.samples_every == 0 or self.step == cfg.steps:
+            self._write_samples(self.step, roll)
+        self.write_record(metrics, rec)
+        say(self._line(rec))
+        if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+            say(f"checkpoint: {self.save()}")
+        return True
 
     def _line(self, r: dict) -> str:
         kept = f"{r['groups_kept']}/{r['groups_kept'] + r['groups_dropped']}"

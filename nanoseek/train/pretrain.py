@@ -65,7 +65,7 @@ from . import distributed as dist
 from .checkpoint import copy_tokenizer, load_model, read_trainer_state
 from .config import DATA_FIELDS, TrainConfig
 from .cost import CostMeter
-from .faults import inject_nan, maybe_fault
+from .faults import inject_nan
 from .guard import TrainingGuard
 from .optim import bias_speed_at, build_optimizer, lr_at, mtp_weight_at
 from .run import (RunTrainer, absolute_path, finite, format_line, peak_memory_bytes, resolve_settings, run_lock,
@@ -472,74 +472,68 @@ class Trainer(RunTrainer):
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict:
+        """Train to ``max_steps`` (from the restored step when resuming); returns the run's summary."""
         cfg = self.cfg
-        self._t_start = time.perf_counter()
+        self._t_start = self._t_prev = time.perf_counter()
+        self.last_val = None
         if self.ckpt is None:
             self.log(f"checkpoint: {self.save()} (initial weights)")
         if cfg.tensorboard and dist.is_main():
             self.tb = _summary_writer()(str(self.run_dir / "tensorboard"))
-        last_val = None
         try:
-            with self.bookkeeping(cfg.max_steps) as (bar, say, metrics_file):
-                t_prev = time.perf_counter()
-                while self.step < cfg.max_steps:
-                    step_no = self.step + 1
-                    maybe_fault("kill_at_step", step_no)  # TEST-ONLY (see nanoseek.train.faults)
-                    sampler_before = self.sampler.state_dict()
-                    metrics, load = self._forward_backward(self.step)
-                    decision = self.guard.check(step_no, metrics.loss, metrics.grad_norm, load)
-                    action = decision.action
-                    lr, gamma = 0.0, 0.0
-                    self.cost.add_tokens(self.tokens_per_step)
-                    self.cost.add_samples(cfg.batch_size * cfg.grad_accum * dist.world_size())
-                    if decision.apply_update:
-                        lr, gamma = self._apply(self.step, load)
-                        self.guard.accept(step_no, metrics.loss, metrics.grad_norm)
-                    else:
-                        self.optimizer.zero_grad(set_to_none=True)
-                    if action == "rollback":
-                        self.rollback(step_no, sampler_before)
-                        self._write(metrics_file, self._record(step_no, action, metrics, lr, gamma, 0.0, None))
-                        bar.n = self.step
-                        bar.refresh()
-                        t_prev = time.perf_counter()
-                        continue
-                    self.step += 1
-                    self.tokens += self.tokens_per_step
-                    now = time.perf_counter()
-                    dt, t_prev = now - t_prev, now
-                    val = None
-                    if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
-                        val = last_val = self.evaluate()
-                    record = self._record(self.step, action, metrics, lr, gamma, dt, val)
-                    if (self.step % cfg.log_every == 0 or action != "ok" or val is not None
-                            or self.step == cfg.max_steps):
-                        self._write(metrics_file, record)
-                        say(self._line(record))
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{metrics.loss:.3f}", refresh=False)
-                    if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps:
-                        metrics_file.flush()
-                        n_bad, bad = self.nonfinite_state()
-                        if bad is not None:  # never checkpointed: back to the last good one, past this data
-                            self.guard.nonfinite_state(self.step, n_bad, bad)
-                            self.rollback(self.step, sampler_before, required=True)
-                            self._write(metrics_file,
-                                        self._record(step_no, "rollback", metrics, lr, gamma, 0.0, None))
-                            bar.n = self.step
-                            bar.refresh()
-                            t_prev = time.perf_counter()
-                            continue
-                        say(f"checkpoint: {self.save(check=False)}")
-                    if val is not None or self.step % cfg.checkpoint_every == 0:
-                        t_prev = time.perf_counter()  # eval / checkpoint time is not step time
+            self.run_steps(cfg.max_steps, self._train_step)
         finally:
             if self.tb is not None:
                 self.tb.close()
         final_dir, report = self.finish()
         self.log(f"done: {self.step} steps, {self.tokens} tokens; model in {final_dir}")
-        return {"step": self.step, "tokens": self.tokens, "val_loss": last_val, "final": final_dir,
+        return {"step": self.step, "tokens": self.tokens, "val_loss": self.last_val, "final": final_dir,
                 "report": report}
+
+    def _train_step(self, step_no: int, say: Callable[[str], Any], metrics_file) -> bool:
+        """One step (see the module docstring); False when it ended in a rollback."""
+        cfg = self.cfg
+        sampler_before = self.sampler.state_dict()
+        metrics, load = self._forward_backward(self.step)
+        decision = self.guard.check(step_no, metrics.loss, metrics.grad_norm, load)
+        action = decision.action
+        lr, gamma = 0.0, 0.0
+        self.cost.add_tokens(self.tokens_per_step)
+        self.cost.add_samples(cfg.batch_size * cfg.grad_accum * dist.world_size())
+        if decision.apply_update:
+            lr, gamma = self._apply(self.step, load)
+            self.guard.accept(step_no, metrics.loss, metrics.grad_norm)
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+        if action == "rollback":
+            self.rollback(step_no, sampler_before)
+            self._write(metrics_file, self._record(step_no, action, metrics, lr, gamma, 0.0, None))
+            self._t_prev = time.perf_counter()
+            return False
+        self.step += 1
+        self.tokens += self.tokens_per_step
+        now = time.perf_counter()
+        dt, self._t_prev = now - self._t_prev, now
+        val = None
+        if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
+            val = self.last_val = self.evaluate()
+        record = self._record(self.step, action, metrics, lr, gamma, dt, val)
+        if self.step % cfg.log_every == 0 or action != "ok" or val is not None or self.step == cfg.max_steps:
+            self._write(metrics_file, record)
+            say(self._line(record))
+        if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps:
+            metrics_file.flush()
+            n_bad, bad = self.nonfinite_state()
+            if bad is not None:  # never checkpointed: back to the last good one, past this data
+                self.guard.nonfinite_state(self.step, n_bad, bad)
+                self.rollback(self.step, sampler_before, required=True)
+                self._write(metrics_file, self._record(step_no, "rollback", metrics, lr, gamma, 0.0, None))
+                self._t_prev = time.perf_counter()
+                return False
+            say(f"checkpoint: {self.save(check=False)}")
+        if val is not None or self.step % cfg.checkpoint_every == 0:
+            self._t_prev = time.perf_counter()  # eval / checkpoint time is not step time
+        return True
 
     def _record(self, step: int, action: str, m: StepMetrics, lr: float, gamma: float, dt: float,
                 val: float | None) -> dict:

@@ -51,6 +51,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import merge_resume_settings
+from .faults import maybe_fault
 
 STATE_VERSION = 1
 
@@ -303,6 +304,21 @@ class RunTrainer:
             self.cost.stop()
             if dist.is_main():
                 self.cost.save()
+
+    def run_steps(self, total: int, step: Callable[[int, Callable[[str], Any], Any], bool]) -> None:
+        """The loop of every stage, to ``total`` steps: ``step(step_no, say, metrics_file)`` trains step
+        ``step_no`` (forward, guard decision, update, records, checkpoint when due) and returns False
+        when the guard rolled the run back instead. Around it: the fault hooks (tests), the progress
+        bar (it follows a rollback back) and :meth:`bookkeeping`."""
+        with self.bookkeeping(total) as (bar, say, metrics):
+            while self.step < total:
+                step_no = self.step + 1
+                maybe_fault("kill_at_step", step_no)  # TEST-ONLY (see nanoseek.train.faults)
+                if step(step_no, say, metrics):
+                    bar.update(1)
+                else:
+                    bar.n = self.step
+                    bar.refresh()
 
     def write_record(self, fh, record: dict) -> None:
         """One metrics line, flushed."""
