@@ -32,12 +32,24 @@ from __future__ import annotations
 
 import json
 import os
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import torch
+
+from ..device import pick_device
 from ..errors import NanoseekError
+from ..fsutil import write_json_durable
+from ..hf import load_with_tokenizer
+from ..infer.engine import Engine
+from ..infer.sampling import SamplingParams
+from ..tasks.base import Verdict, chat_messages, format_ok, parse_task_spec
+from ..tasks.coldstart import write_jsonl
+from ..tasks.evaluate import EVAL_SEED_BASE, chat_prompt
+from ..tasks.registry import get_task
+from .cost import CostMeter
+from .sft import sft
 
 STAGE = "distill"
 DATA_FILE = "distill_data.jsonl"
@@ -59,8 +71,6 @@ class DistillStats:
 
 def reject_reason(task, problem, text: str, kept_texts: set[str], max_length_chars: int | None) -> str | None:
     """Why the completion ``text`` is rejected (one of :data:`REJECT_REASONS`), or ``None`` to keep it."""
-    from ..tasks.base import Verdict, format_ok
-
     verdict = task.grade(text, problem.fields)
     if verdict is not Verdict.CORRECT:
         return verdict.value
@@ -77,8 +87,6 @@ def filter_completions(task, problems: Sequence, completions: Sequence[Sequence[
                        max_length_chars: int | None = None) -> tuple[list[dict], DistillStats]:
     """Chat records of the kept completions (``completions[i]``: the samples for ``problems[i]``) and the
     counts. Records keep problem order, then sample order."""
-    from ..tasks.base import chat_messages
-
     stats = DistillStats(prompts=len(problems))
     records = []
     for problem, samples in zip(problems, completions):
@@ -101,9 +109,6 @@ def sample_teacher(engine, tokenizer, problems: Sequence, samples_per_prompt: in
                    max_tokens: int, seed: int) -> tuple[list[list[str]], int]:
     """``samples_per_prompt`` completions per problem (chat prompt), each with its own sampling seed;
     returns (texts per problem, generated tokens)."""
-    from ..infer.sampling import SamplingParams
-    from ..tasks.evaluate import chat_prompt
-
     prompts, params = [], []
     for i, problem in enumerate(problems):
         text = chat_prompt(tokenizer, problem)
@@ -123,15 +128,7 @@ def rejection_sample(run_dir: Path, teacher: str, task_spec: str, prompts: int, 
                      device: str = "auto", max_slots: int = 32, price_per_device_hour: float = 2.0,
                      log: Callable = print) -> DistillStats:
     """Sample the teacher, filter, write ``RUN_DIR/distill_data.jsonl`` and ``distill_stats.json``."""
-    import torch
 
-    from ..device import pick_device
-    from ..hf import load_with_tokenizer
-    from ..infer.engine import Engine
-    from ..tasks.coldstart import parse_task_spec, write_jsonl
-    from ..tasks.evaluate import EVAL_SEED_BASE
-    from ..tasks.registry import get_task
-    from .cost import CostMeter
 
     name, difficulty = parse_task_spec(task_spec, flag="--task")
     task = get_task(name)
@@ -145,8 +142,6 @@ def rejection_sample(run_dir: Path, teacher: str, task_spec: str, prompts: int, 
     meter.start()
     try:
         model, tokenizer = load_with_tokenizer(teacher, device)
-        from ..tasks.evaluate import chat_prompt
-
         longest = max(len(tokenizer.encode(chat_prompt(tokenizer, p))) for p in problems)
         engine = Engine(model, tokenizer, max_slots=max(1, min(max_slots, prompts * samples_per_prompt)),
                         max_seq_len=longest + max_tokens + 1)
@@ -165,7 +160,6 @@ def rejection_sample(run_dir: Path, teacher: str, task_spec: str, prompts: int, 
     summary = dict(stats.to_dict(), teacher=str(teacher), task=name, difficulty=difficulty,
                    samples_per_prompt=samples_per_prompt, temperature=temperature, max_tokens=max_tokens,
                    max_length_chars=max_length_chars, seed=seed)
-    from ..fsutil import write_json_durable
 
     write_json_durable(run_dir / STATS_FILE, summary)
     rejected = ", ".join(f"{r} {c}" for r, c in stats.rejected.items() if c) or "none"
@@ -187,8 +181,6 @@ def distill(out: str | os.PathLike, teacher: str | None = None, task: str | None
     """Rejection-sample ``teacher`` on ``task`` (``name[:difficulty]``) and SFT a student on the kept
     samples, all in ``out``. ``overrides``: TrainConfig fields for the SFT (``seed`` also seeds the
     problems and the sampling). Returns the SFT summary plus ``"distill_stats"``."""
-    from .sft import sft
-
     run_dir = Path(out).expanduser().resolve()
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     if resume:
@@ -212,8 +204,6 @@ def distill(out: str | os.PathLike, teacher: str | None = None, task: str | None
     teacher = os.path.abspath(os.path.expanduser(teacher))
     if not (Path(teacher) / "config.json").is_file() or not (Path(teacher) / "tokenizer.json").is_file():
         raise NanoseekError(f"--teacher {teacher}: not a checkpoint directory with config.json and tokenizer.json")
-    from ..tasks.coldstart import parse_task_spec
-    from ..tasks.registry import get_task
 
     get_task(parse_task_spec(task, flag="--task")[0])  # an unknown task fails before any work
     if student_preset is not None:
