@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..device import autocast_dtype
 from ..errors import NanoseekError
 
 # Process group backend per device type; the CPU half serves CPU tensors (e.g. an all-reduce of a
@@ -276,9 +277,8 @@ def parallelize(model: nn.Module, device: torch.device) -> nn.Module:
     model = model.to(device)
     if world_size() == 1:
         return model
-    from ..device import autocast_dtype
-
     fully_shard, MixedPrecisionPolicy = _fsdp()
+    # torch.distributed's submodules load where they are used: some torch builds ship without them
     from torch.distributed.device_mesh import init_device_mesh
 
     _check_same_model(model)
