@@ -36,6 +36,7 @@ import safetensors.torch
 import torch
 
 import nanoseek
+from grpo_toy import tiny_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6
@@ -279,29 +280,13 @@ def test_fsdp_helpers_against_an_unsharded_reference(tmp_path):
 
 
 # ------------------------------------------------------------------------------ GRPO
-def grpo_init(path: Path) -> Path:
-    """A tiny random policy with a tokenizer (what tests/test_grpo.py starts from)."""
-    from nanoseek.data.tokenizer import padded_vocab_size, train_tokenizer
-    from nanoseek.tasks import SYSTEM_PROMPT
-
-    texts = [SYSTEM_PROMPT] * 20 + [f"Say word {a}. <think> {a} </think> <answer>x</answer>" for a in range(100)]
-    tok = train_tokenizer(iter(texts), vocab_size=400, out_dir=None)
-    cfg = nanoseek.get_preset("tiny").replace(vocab_size=padded_vocab_size(tok.vocab_size),
-                                             max_position_embeddings=512, bos_token_id=tok.bos_id,
-                                             eos_token_id=tok.eos_id)
-    torch.manual_seed(0)
-    nanoseek.save(nanoseek.DeepSeekV3(cfg), path)
-    tok.save(path)
-    return path
-
-
 def test_grpo_on_two_processes_updates_like_one(tmp_path):
     """GRPO under torchrun: the global prompts split over the ranks, each samples its share with the
     full weights, one update over the global batch. Step 1 samples exactly what one process samples
     (same seeds per global prompt), so its reward is equal; the weight updates of 3 steps
     (final - initial: AdamW moves every weight by about lr per step, so compare the updates, not the
     weights) agree within 5% relative norm."""
-    init = grpo_init(tmp_path / "init")
+    init = tiny_policy(tmp_path / "init")
     worker = str(Path(__file__).with_name("grpo_dist_worker.py"))
     one, two = tmp_path / "one", tmp_path / "two"
     res = launch([sys.executable, worker, str(init), str(one)], ROOT, 240)

@@ -7,48 +7,24 @@ import pytest
 import torch
 
 import nanoseek
+from nanoseek import load_with_tokenizer, settings
 from nanoseek.cli import main
-from nanoseek.data.tokenizer import padded_vocab_size, train_tokenizer
 from nanoseek.errors import NanoseekError
-from nanoseek import load_with_tokenizer
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.sampling import SamplingParams
 from nanoseek.rl import cli as rl_cli
-from nanoseek.rl import objective
-from nanoseek.rl.config import build_run_config
-from nanoseek.rl.grpo import GRPOTrainer, grpo
-from nanoseek.rl.rollout import completion_logprobs, problem_seed, sample_seed
-from nanoseek import settings
 from nanoseek.rl import config as rl_config
-from nanoseek.rl.config import DEFAULT_POLICIES, POLICY_FIELDS, RLGuardConfig
+from nanoseek.rl import objective
+from nanoseek.rl.config import DEFAULT_POLICIES, POLICY_FIELDS, RLGuardConfig, build_run_config
+from nanoseek.rl.grpo import GRPOTrainer, grpo
 from nanoseek.rl.guard import RLGuard, fitted_change, repetition_coverage, trend_t
-from nanoseek.tasks import (SYSTEM_PROMPT, Problem, Task, Verdict, get_task, register_reward,
-                            register_task)
+from nanoseek.rl.rollout import completion_logprobs, problem_seed, sample_seed
+from nanoseek.tasks import Problem, Task, Verdict, get_task, register_task
 from nanoseek.tasks.evaluate import EVAL_SEED_BASE, chat_prompt
 from nanoseek.train.optim import train_top_layers
+from grpo_toy import TASK, first_lower_reward, register, tiny_policy
 
-TASK = "test_first_lower"
-
-
-class FirstLowerTask(Task):
-    """A trivially learnable task: the reward (below) pays for a completion that starts with a
-    lowercase letter (about 20% of the tiny model's first samples)."""
-
-    name = TASK
-
-    def make_problem(self, rng, difficulty):
-        return Problem(prompt=f"Say word {rng.randint(0, 99)}.", answer="x")
-
-    def check(self, answer, fields):
-        return Verdict.WRONG
-
-
-def first_lower_reward(prompt, completion, fields):
-    return 1.0 if completion[:1].islower() else 0.0
-
-
-register_task(FirstLowerTask(), overwrite=True)
-register_reward(TASK, first_lower_reward, overwrite=True)
+register()
 QUIET = dict(log=lambda s: None)
 
 
@@ -57,20 +33,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def init_ckpt(tmp_path_factory):
-    """A tiny random policy with a tokenizer whose vocabulary is smaller than the model's (the
-    engine masks the padding ids; the trainer must do the same)."""
-    out = tmp_path_factory.mktemp("init")
-    texts = [SYSTEM_PROMPT] * 20 + [f"What is {a} + {b}? Give the answer as an integer. <think> {a}+{b} </think> "
-                                    f"<answer>{a + b}</answer>" for a in range(30) for b in range(5)]
-    tok = train_tokenizer(iter(texts), vocab_size=400, out_dir=None)
-    cfg = nanoseek.get_preset("tiny").replace(vocab_size=padded_vocab_size(tok.vocab_size),
-                                             max_position_embeddings=512, bos_token_id=tok.bos_id,
-                                             eos_token_id=tok.eos_id)
-    torch.manual_seed(0)
-    nanoseek.save(nanoseek.DeepSeekV3(cfg), out)
-    tok.save(out)
-    assert tok.vocab_size < cfg.vocab_size
-    return out
+    return tiny_policy(tmp_path_factory.mktemp("init"))
 
 
 def run_cfg(init_ckpt, **kw):

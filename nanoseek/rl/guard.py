@@ -97,7 +97,7 @@ from typing import Any, Callable, Mapping, Sequence
 from ..errors import NanoseekError
 from ..train.guard import SEVERITY, Decision, RobustWindow
 from .config import RLGuardConfig
-from ..train.incidents import IncidentLog, short_number
+from ..train.incidents import IncidentLog, ReportsIncidents, short_number
 
 RL_KINDS = ("reward_hacking", "length_explosion", "kl_blowup", "entropy_collapse", "repetition")
 SIGNALS = ("accuracy", "format_rate", "response_length", "truncation_rate", "kl", "entropy")
@@ -185,7 +185,7 @@ def _num(x: Any) -> float | None:
 
 
 # --------------------------------------------------------------------------- the guard
-class RLGuard:
+class RLGuard(ReportsIncidents):
     """Judges each GRPO step after its update (see the module docstring for the protocol)."""
 
     def __init__(self, config: RLGuardConfig, incidents_path: Path | None, log: Callable[[str], Any] = print):
@@ -196,20 +196,6 @@ class RLGuard:
         self.windows = {name: RobustWindow(config.window) for name in SIGNALS + ("repetition",)}
         self.last_repetition: float | None = None
         self._active: set[str] = set()  # warn kinds that fired on the last judged step
-
-    @property
-    def log(self) -> Callable[[str], Any]:
-        """Where console lines go (the trainer points it at its progress bar)."""
-        return self.incidents.log
-
-    @log.setter
-    def log(self, fn: Callable[[str], Any]) -> None:
-        self.incidents.log = fn
-
-    @property
-    def counts(self) -> dict[str, int]:
-        """Incidents so far, per kind."""
-        return self.incidents.counts
 
     # -- detectors
     def _ready(self, name: str) -> bool:

@@ -52,7 +52,7 @@ import torch
 
 from ..errors import NanoseekError
 from .config import GuardConfig
-from .incidents import IncidentLog, short_number
+from .incidents import IncidentLog, ReportsIncidents, short_number
 
 SEVERITY = {"ok": 0, "warn": 1, "skip": 2, "lr_down": 3, "rollback": 4}
 KINDS = ("nonfinite", "loss_spike", "grad_explosion", "expert_collapse", "imbalance", "rollback")
@@ -140,7 +140,7 @@ class Decision:
 
 
 # --------------------------------------------------------------------------- the guard
-class TrainingGuard:
+class TrainingGuard(ReportsIncidents):
     """Checks each step before its update (see the module docstring for the protocol)."""
 
     def __init__(self, config: GuardConfig, incidents_path: Path | None, log: Callable[[str], Any] = print):
@@ -153,20 +153,6 @@ class TrainingGuard:
         self.lr_scale: float = 1.0
         self.consecutive_skips: int = 0
         self._warned_low_load = False
-
-    @property
-    def log(self) -> Callable[[str], Any]:
-        """Where console lines go (the trainer points it at its progress bar)."""
-        return self.incidents.log
-
-    @log.setter
-    def log(self, fn: Callable[[str], Any]) -> None:
-        self.incidents.log = fn
-
-    @property
-    def counts(self) -> dict[str, int]:
-        """Incidents so far, per kind."""
-        return self.incidents.counts
 
     # -- detectors
 

@@ -91,3 +91,23 @@ class IncidentLog:
         self.rollbacks = max(self.rollbacks, rollbacks)
         for kind, n in counts.items():
             self.counts[kind] = max(self.counts.get(kind, 0), n)
+
+
+class ReportsIncidents:
+    """What a guard holding an :class:`IncidentLog` (``self.incidents``) shows of it."""
+
+    incidents: IncidentLog
+
+    @property
+    def log(self) -> Callable[[str], Any]:
+        """Where console lines go (the trainer points it at its progress bar)."""
+        return self.incidents.log
+
+    @log.setter
+    def log(self, fn: Callable[[str], Any]) -> None:
+        self.incidents.log = fn
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Incidents so far, per kind."""
+        return self.incidents.counts
