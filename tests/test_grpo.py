@@ -606,3 +606,21 @@ def test_default_guard_does_not_take_sampling_noise_for_reward_hacking(tmp_path)
     assert trend_t([1.0, 2.0, 3.0]) == math.inf and trend_t([3.0, 2.0, 1.0]) == -math.inf
     assert trend_t([1.0, 1.0, 1.0]) == 0.0 and trend_t([1.0, 2.0]) == 0.0
     assert trend_t([0.0, 1.0, 0.0, 1.0, 0.0, 1.0]) == pytest.approx(0.6124, abs=1e-4)
+
+
+def test_fp8_policy_samples_as_it_trains(init_ckpt, tmp_path):
+    """--fp8 converts the policy before the engine and the update see it: its GEMMs are FP8 ones, with
+    mu = 1 the trainer's recomputed log-probs equal the sampler's (ratio 1), and final/ holds plain
+    weights."""
+    from nanoseek.fp8_training import Float8BlockLinear
+
+    run = tmp_path / "run"
+    run.mkdir()
+    trainer = GRPOTrainer(build_run_config(run_cfg(init_ckpt, steps=2, fp8=True)), run, False, log=lambda s: None)
+    assert type(trainer.policy.model.layers[0].self_attn.kv_b_proj) is Float8BlockLinear
+    trainer.train()
+    recs = records(run)
+    assert [r["step"] for r in recs] == [1, 2]
+    assert abs(recs[0]["ratio_mean"] - 1.0) < 1e-4, recs[0]["ratio_mean"]
+    model, _ = load_with_tokenizer(str(run / "final"), "cpu", "float32")
+    assert type(model.model.layers[0].self_attn.kv_b_proj) is torch.nn.Linear

@@ -217,6 +217,10 @@ class GRPORunConfig(GRPOConfig):
     micro_batch_size: int = setting(0, "sequences per forward (memory only; 0: all)", min=0)
     bias_update_speed: float = setting(0.0, "MoE router bias update speed during RL (0: the biases stay fixed)",
                                        min=0)
+    compile: bool = setting(False, "torch.compile the policy's training forward")
+    fp8: bool = setting(False, "block-wise FP8 GEMMs for sampling and training (V3 report 3.3; pure-torch "
+                        "emulation, slower than bf16)")
+    fp8_ue8m0: bool = setting(False, "power-of-two FP8 scales (DeepSeek-V3.1 UE8M0)")
     # bookkeeping
     seed: int = setting(0, "run seed: problems and sampling", min=0)
     checkpoint_every: int = setting(50, "steps between checkpoints", min=1, resumable=True)

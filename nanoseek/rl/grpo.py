@@ -77,6 +77,7 @@ import torch
 
 from ..data.tokenizer import check_vocab, load_tokenizer
 from ..device import device_name, pick_device
+from ..fp8_training import convert_to_fp8
 from ..errors import ConfigError, NanoseekError
 from ..hf import load_with_tokenizer
 from ..infer.engine import Engine
@@ -148,12 +149,15 @@ class GRPOTrainer(RunTrainer):
             self.n_trainable = train_top_layers(model, cfg.train_layers)
         except ValueError as exc:
             raise ConfigError(f"{cfg.init_from}: {exc}") from None
+        if cfg.fp8:  # before the sampling copy, FSDP2 and compile: the policy samples as it trains
+            convert_to_fp8(model, ue8m0=cfg.fp8_ue8m0)
         # Sampling needs the full weights on every rank and runs a different number of forwards on
         # each, so under FSDP2 it uses a plain copy refreshed after every update; in one process the
         # engine samples from the trained model itself.
         self.policy = copy.deepcopy(model).to(self.device).eval() if n_ranks > 1 else None
         self.model = dist.parallelize(model, self.device).train()  # FSDP2 shards when distributed
         self.policy = self.policy or self.model
+        self.forward = torch.compile(self.model) if cfg.compile else self.model  # the update's forward
         self.optimizer = build_optimizer(self.model, cfg, self.device, lr=self.lr_at(0))
         self.routers = self.model.moe_routers()
 
@@ -282,10 +286,10 @@ class GRPOTrainer(RunTrainer):
                 load = None
                 for micro in micros:
                     if micro is None:  # keep the collectives of the ranks in step: a forward at weight 0
-                        logp, mask, _, _ = self._forward(self.model, roll, [0], False)
+                        logp, mask, _, _ = self._forward(self.forward, roll, [0], False)
                         (logp.sum() * 0.0).backward()
                         continue
-                    logp, mask, ent, micro_load = self._forward(self.model, roll, micro, epoch == 0)
+                    logp, mask, ent, micro_load = self._forward(self.forward, roll, micro, epoch == 0)
                     if epoch == 0:
                         sums[0] += float(ent.sum())
                         sums[1] += int(mask.sum())
