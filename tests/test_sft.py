@@ -355,6 +355,10 @@ def test_distill_keeps_only_verified_samples_and_trains_the_student(init_ckpt, t
     assert {r["stage"] for r in recs} == {"distill"} and recs[-1]["step"] == 2
     cost = json.loads((run / "cost.json").read_text())
     assert {"distill", "distill_sampling"} <= set(cost["stages"])
+    saved = json.loads((run / "train_config.json").read_text())  # everything the run was started with
+    assert (saved["teacher"], saved["task"], saved["prompts"], saved["samples_per_prompt"], saved["temperature"],
+            saved["max_length_chars"], saved["preset"]) == (str(init_ckpt), "arithmetic:1", n_prompts, k, 0.8,
+                                                            MAX_CHARS, "tiny")
     student = nanoseek.load(run / "final")
     assert student.config.vocab_size == padded_vocab_size(tokenizer.vocab_size)
     assert (run / "final" / "tokenizer.json").read_bytes() == (init_ckpt / "tokenizer.json").read_bytes()

@@ -32,7 +32,7 @@ def add_grpo_arguments(p: argparse.ArgumentParser) -> None:
                                          "rollback (reload the last checkpoint, move on to new prompts)")
     g.add_argument("--guard-policy", choices=RL_POLICIES,
                    help="one response for every detector; the --on-KIND flags override it per detector")
-    add_arguments(g, RLGuardConfig, only=POLICY_FIELDS)
+    add_arguments(g, RLGuardConfig)
 
 
 def grpo_main(args: argparse.Namespace) -> int:

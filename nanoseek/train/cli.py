@@ -12,11 +12,10 @@ import argparse
 
 from ..errors import NanoseekError
 from ..settings import add_arguments, given
-from .config import GuardConfig, SFTConfig, TrainConfig
+from .config import DistillConfig, GuardConfig, SFTConfig, TrainConfig
 
 MODEL_FIELDS = ("preset", "config", "init_from")
 DATA_FLAGS = ("data", "tokenizer", "vocab_size", "text_field")
-GUARD_FLAGS = ("on_nonfinite", "on_spike", "on_grad_explosion", "on_collapse")
 
 
 def _add_run_arguments(p: argparse.ArgumentParser, cls: type, exclude: tuple[str, ...]) -> None:
@@ -25,7 +24,7 @@ def _add_run_arguments(p: argparse.ArgumentParser, cls: type, exclude: tuple[str
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its newest intact checkpoint (unset flags: the run's own)")
     add_arguments(p.add_argument_group("training"), cls, exclude=exclude + ("guard",))
-    add_arguments(p.add_argument_group("training guard"), GuardConfig, only=GUARD_FLAGS)
+    add_arguments(p.add_argument_group("training guard"), GuardConfig)
 
 
 def overrides_from(args: argparse.Namespace, cls: type) -> dict:
@@ -76,34 +75,13 @@ def sft_main(args: argparse.Namespace) -> int:
 
 def add_distill_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of ``nanoseek distill``: the teacher's sampling, the student, and the SFT's settings."""
-    p.add_argument("--teacher", help="teacher checkpoint directory (model + tokenizer); required unless --resume")
-    p.add_argument("--task", help="TASK[:DIFFICULTY] whose training problems the teacher solves")
-    p.add_argument("--prompts", type=int, default=256, help="problems to sample (default 256)")
-    p.add_argument("--samples-per-prompt", type=int, default=4, help="teacher samples per problem (default 4)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
-    p.add_argument("--max-tokens", type=int, default=256, help="tokens per teacher sample at most (default 256)")
-    p.add_argument("--max-length-chars", type=int, default=None,
-                   help="reject samples longer than this many characters (default: no limit)")
-    p.add_argument("--max-slots", type=int, default=32, help="teacher requests decoded together (default 32)")
-    student = p.add_mutually_exclusive_group()
-    student.add_argument("--student-preset", help="a fresh student of this preset with the teacher's tokenizer")
-    student.add_argument("--student-init", help="a student checkpoint to start from (its own tokenizer)")
-    cold = tuple(name for name in SFTConfig.__dataclass_fields__ if name.startswith("cold_start"))
-    _add_run_arguments(p, SFTConfig, exclude=MODEL_FIELDS + DATA_FLAGS + cold)
+    _add_run_arguments(p, DistillConfig, exclude=())
 
 
 def distill_main(args: argparse.Namespace) -> int:
     """``nanoseek distill``."""
     from .distill import distill
 
-    if not args.resume and (args.teacher is None or args.task is None):
-        raise NanoseekError("distill needs --teacher CKPT and --task TASK[:DIFFICULTY]")
-    if not args.resume and args.student_preset is None and args.student_init is None:
-        raise NanoseekError("distill needs a student: --student-preset NAME or --student-init CKPT")
-    result = distill(args.out, args.teacher, args.task, prompts=args.prompts,
-                     samples_per_prompt=args.samples_per_prompt, temperature=args.temperature,
-                     max_tokens=args.max_tokens, max_length_chars=args.max_length_chars,
-                     student_preset=args.student_preset, student_init=args.student_init, max_slots=args.max_slots,
-                     overrides=overrides_from(args, SFTConfig), resume=args.resume)
+    result = distill(args.out, overrides_from(args, DistillConfig), resume=args.resume)
     print(f"final model: {result.get('final')}")
     return 0

@@ -28,26 +28,29 @@ DATA_FIELDS = frozenset({"data", "tokenizer", "vocab_size", "text_field", "val_f
 class GuardConfig(Settings):
     """The training guard's thresholds and responses (:mod:`nanoseek.train.guard`)."""
 
-    window: int = setting(50, "accepted steps in the moving windows", min=1)
-    min_history: int = setting(10, "accepted steps before loss-spike / grad checks start", min=1)
-    spike_zscore: float = setting(6.0, "robust z-score of the loss that is a spike", min=0, min_inclusive=False)
+    window: int = setting(50, "accepted steps in the moving windows", min=1, cli=False)
+    min_history: int = setting(10, "accepted steps before loss-spike / grad checks start", min=1, cli=False)
+    spike_zscore: float = setting(6.0, "robust z-score of the loss that is a spike", min=0, min_inclusive=False,
+                                  cli=False)
     grad_norm_factor: float = setting(10.0, "grad norm over this x the median is an explosion", min=1,
-                                      min_inclusive=False)
+                                      min_inclusive=False, cli=False)
     dead_expert_fraction: float = setting(0.5, "share of a layer's experts without tokens that is a collapse",
-                                          min=0, max=1, min_inclusive=False)
+                                          min=0, max=1, min_inclusive=False, cli=False)
     imbalance_ratio: float = setting(8.0, "busiest expert over mean load that is an imbalance", min=1,
-                                     min_inclusive=False)
+                                     min_inclusive=False, cli=False)
     on_nonfinite: str = setting("rollback", "response to a NaN/inf loss or grad norm; 'warn' is refused: it "
                                 "would apply the NaN update", flag="--on-nan", choices=POLICIES)
     on_spike: str = setting("skip", "response to a loss spike", choices=POLICIES)
     on_grad_explosion: str = setting("skip", "response to a grad-norm explosion", choices=POLICIES)
     on_collapse: str = setting("warn", "response to dead experts / imbalance", choices=POLICIES)
-    lr_down_factor: float = setting(0.5, "LR scale per lr_down response", min=0, max=1, min_inclusive=False)
-    max_rollbacks: int = setting(3, "rollbacks before the run stops", min=0)
-    skip_batches_after_rollback: int = setting(1, "steps of data skipped past a rolled-back step", min=0)
-    mad_floor: float = setting(1e-3, "floor of the robust sigma, relative to |median loss|", min=0)
-    min_load_per_expert: float = setting(4.0, "expert checks need this x n_experts assignments per layer", min=0)
-    max_consecutive_skips: int = setting(10, "dropped updates in a row before a rollback; 0 = never", min=0)
+    lr_down_factor: float = setting(0.5, "LR scale per lr_down response", min=0, max=1, min_inclusive=False,
+                                    cli=False)
+    max_rollbacks: int = setting(3, "rollbacks before the run stops", min=0, cli=False)
+    skip_batches_after_rollback: int = setting(1, "steps of data skipped past a rolled-back step", min=0, cli=False)
+    mad_floor: float = setting(1e-3, "floor of the robust sigma, relative to |median loss|", min=0, cli=False)
+    min_load_per_expert: float = setting(4.0, "expert checks need this x n_experts assignments per layer", min=0,
+                                         cli=False)
+    max_consecutive_skips: int = setting(10, "dropped updates in a row before a rollback; 0 = never", min=0, cli=False)
 
     def __post_init__(self) -> None:
         if self.on_nonfinite == "warn":
@@ -158,6 +161,38 @@ class SFTConfig(TrainConfig):
     cold_start_seed: int | None = setting(None, "problem seed of the cold-start set (unset: --seed)", min=0)
     cold_start_answer_only: float = setting(0.0, "share of cold-start examples that state the answer without "
                                             "the working", min=0, max=1, metavar="FRACTION")
+
+
+@dataclass
+class DistillConfig(SFTConfig):
+    """A distillation run (R1 §2.4): rejection-sample the teacher on a task's training problems,
+    keep the verified, well-formed, distinct completions, and SFT the student on them."""
+
+    preset: str | None = setting(None, "a fresh student of this preset, with the teacher's tokenizer",
+                                 flag="--student-preset")
+    config: str | None = setting(None, "a student model config.json", cli=False)
+    init_from: str | None = setting(None, "a student checkpoint to start from (its own tokenizer)",
+                                    flag="--student-init")
+    data: list[str] = setting(help="the kept samples (written by the run), then any extra chat JSONL",
+                              default_factory=list, cli=False)
+    tokenizer: str | None = setting(None, "the student's tokenizer (the teacher's for --student-preset)",
+                                    cli=False)
+    vocab_size: int | None = setting(None, "unused by distillation", min=1, cli=False)
+    text_field: str = setting("text", "unused by distillation", cli=False)
+    cold_start: list[str] = setting(help="unused by distillation", default_factory=list, cli=False)
+    cold_start_n: int = setting(2000, "unused by distillation", min=1, cli=False)
+    cold_start_seed: int | None = setting(None, "unused by distillation", min=0, cli=False)
+    cold_start_answer_only: float = setting(0.0, "unused by distillation", min=0, max=1, cli=False)
+    teacher: str | None = setting(None, "teacher checkpoint directory (model + tokenizer)")
+    task: str | None = setting(None, "TASK[:DIFFICULTY] whose training problems the teacher solves",
+                               metavar="TASK[:DIFFICULTY]")
+    prompts: int = setting(256, "problems to sample", min=1)
+    samples_per_prompt: int = setting(4, "teacher samples per problem", min=1)
+    temperature: float = setting(1.0, "sampling temperature", min=0)
+    max_tokens: int = setting(256, "tokens per teacher sample at most", min=1)
+    max_length_chars: int | None = setting(None, "reject samples longer than this many characters (unset: "
+                                           "no limit)", min=1)
+    max_slots: int = setting(32, "teacher requests decoded together", min=1)
 
 
 RESUME_CHANGEABLE = resumable(TrainConfig)

@@ -48,6 +48,7 @@ from ..tasks.base import Verdict, chat_messages, format_ok, parse_task_spec
 from ..tasks.coldstart import write_jsonl
 from ..tasks.evaluate import EVAL_SEED_BASE, chat_prompt
 from ..tasks.registry import get_task
+from .config import DistillConfig
 from .cost import CostMeter
 from .sft import sft
 
@@ -173,52 +174,39 @@ def rejection_sample(run_dir: Path, teacher: str, task_spec: str, prompts: int, 
     return stats
 
 
-def distill(out: str | os.PathLike, teacher: str | None = None, task: str | None = None, *, prompts: int = 256,
-            samples_per_prompt: int = 4, temperature: float = 1.0, max_tokens: int = 256,
-            max_length_chars: int | None = None, student_preset: str | None = None,
-            student_init: str | None = None, max_slots: int = 32, overrides: dict[str, Any] | None = None,
-            resume: bool = False, log: Callable = print) -> dict:
-    """Rejection-sample ``teacher`` on ``task`` (``name[:difficulty]``) and SFT a student on the kept
-    samples, all in ``out``. ``overrides``: TrainConfig fields for the SFT (``seed`` also seeds the
-    problems and the sampling). Returns the SFT summary plus ``"distill_stats"``."""
+def distill(out: str | os.PathLike, overrides: dict[str, Any], resume: bool = False, log: Callable = print) -> dict:
+    """Rejection-sample the teacher on the task and SFT the student on the kept samples, all in
+    ``out``. ``overrides`` are :class:`~nanoseek.train.config.DistillConfig` fields (``seed`` also
+    seeds the problems and the sampling); every one is saved with the run. Returns the SFT summary
+    plus ``"distill_stats"``."""
     run_dir = Path(out).expanduser().resolve()
-    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
     if resume:
-        result = sft(run_dir, overrides, resume=True, log=log, stage=STAGE)
+        result = sft(run_dir, overrides, resume=True, log=log, stage=STAGE, config_cls=DistillConfig)
         stats_path = run_dir / STATS_FILE
         result["distill_stats"] = json.loads(stats_path.read_text()) if stats_path.is_file() else None
         return result
-    if teacher is None or task is None:
+    if overrides.get("teacher") is None or overrides.get("task") is None:
         raise NanoseekError("distill needs --teacher CKPT and --task TASK[:DIFFICULTY]")
-    if (student_preset is None) == (student_init is None):
+    if (overrides.get("preset") is None) == (overrides.get("init_from") is None):
         raise NanoseekError("distill needs exactly one student: --student-preset NAME (a fresh model with the "
                             "teacher's tokenizer) or --student-init CKPT")
-    for name, value in (("--prompts", prompts), ("--samples-per-prompt", samples_per_prompt),
-                        ("--max-tokens", max_tokens), ("--max-slots", max_slots)):
-        if not isinstance(value, int) or value < 1:
-            raise NanoseekError(f"{name} must be a positive integer, got {value!r}")
-    if max_length_chars is not None and max_length_chars < 1:
-        raise NanoseekError(f"--max-length-chars must be a positive integer, got {max_length_chars!r}")
-    if not temperature >= 0:
-        raise NanoseekError(f"--temperature must be >= 0, got {temperature!r}")
-    teacher = os.path.abspath(os.path.expanduser(teacher))
+    teacher = overrides["teacher"] = os.path.abspath(os.path.expanduser(overrides["teacher"]))
     if not (Path(teacher) / "config.json").is_file() or not (Path(teacher) / "tokenizer.json").is_file():
         raise NanoseekError(f"--teacher {teacher}: not a checkpoint directory with config.json and tokenizer.json")
-
-    get_task(parse_task_spec(task, flag="--task")[0])  # an unknown task fails before any work
-    if student_preset is not None:
-        overrides.update(preset=student_preset, tokenizer=teacher)
-    else:
-        overrides["init_from"] = student_init
+    if overrides.get("preset") is not None:
+        overrides["tokenizer"] = teacher
     overrides["data"] = [str(run_dir / DATA_FILE)] + [str(p) for p in overrides.get("data") or []]
-    seed = int(overrides.get("seed", 0))
+    cfg = DistillConfig.from_dict(overrides)  # every setting checked before any work
+    get_task(parse_task_spec(cfg.task, flag="--task")[0])  # an unknown task fails before any work
 
     def make_data(log_fn: Callable) -> None:
-        rejection_sample(run_dir, teacher, task, prompts, samples_per_prompt, temperature, max_tokens,
-                         max_length_chars, seed, device=overrides.get("device", "auto"), max_slots=max_slots,
-                         price_per_device_hour=overrides.get("price_per_device_hour", 2.0), log=log_fn)
+        rejection_sample(run_dir, cfg.teacher, cfg.task, cfg.prompts, cfg.samples_per_prompt, cfg.temperature,
+                         cfg.max_tokens, cfg.max_length_chars, cfg.seed, device=cfg.device, max_slots=cfg.max_slots,
+                         price_per_device_hour=cfg.price_per_device_hour, log=log_fn)
 
-    result = sft(run_dir, overrides, resume=False, log=log, stage=STAGE, make_data=make_data)
+    result = sft(run_dir, overrides, resume=False, log=log, stage=STAGE, make_data=make_data,
+                 config_cls=DistillConfig)
     result["distill_stats"] = json.loads((run_dir / STATS_FILE).read_text())
     return result
 

@@ -118,7 +118,8 @@ def check_stage(run_dir: Path, stage: str) -> None:
 
 
 def sft(out: str | os.PathLike, overrides: dict[str, Any], resume: bool = False, log: Callable = print, *,
-        stage: str = STAGE, make_data: Callable[[Callable], None] | None = None) -> dict:
+        stage: str = STAGE, make_data: Callable[[Callable], None] | None = None,
+        config_cls: type[SFTConfig] = SFTConfig) -> dict:
     """Run (or ``resume``) an SFT run in ``out``. Returns the trainer's summary (``final``: RUN_DIR/final).
 
     ``overrides`` are :class:`~nanoseek.train.config.SFTConfig` fields (SFT's defaults; the
@@ -134,7 +135,7 @@ def sft(out: str | os.PathLike, overrides: dict[str, Any], resume: bool = False,
         overrides["cold_start"] = [overrides["cold_start"]]
     if resume:
         check_stage(run_dir, stage)
-        return run_stage(run_dir, overrides, True, log, functools.partial(SFTTrainer, stage=stage), SFTConfig)
+        return run_stage(run_dir, overrides, True, log, functools.partial(SFTTrainer, stage=stage), config_cls)
 
     if not any(overrides.get(k) is not None for k in ("init_from", "preset", "config")):
         raise NanoseekError(f"{stage} needs a model to start from: --init-from CKPT")
@@ -159,7 +160,7 @@ def sft(out: str | os.PathLike, overrides: dict[str, Any], resume: bool = False,
             maker(log_fn)
 
     factory = functools.partial(SFTTrainer, stage=stage, make_data=make_all if makers else None)
-    return run_stage(run_dir, overrides, False, log, factory, SFTConfig)
+    return run_stage(run_dir, overrides, False, log, factory, config_cls)
 
 
 __all__ = ["COLD_START_FILE", "SFTTrainer", "check_stage", "cold_start_maker", "prepare_sft_data",
