@@ -22,6 +22,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
 from .errors import NanoseekError
 
 METRIC_KEYS = ("loss", "lm_loss", "mtp_loss", "aux_loss", "val_loss", "lr", "grad_norm", "tokens_per_s",
@@ -169,9 +172,6 @@ def _stage_sort(stages: list[str]) -> list[str]:
 
 # --------------------------------------------------------------------------- plots
 def _figure(n_panels: int, ncols: int | None = None):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     ncols = ncols or min(n_panels, 2)
     nrows = math.ceil(n_panels / ncols)
     fig = Figure(figsize=(6.0 * ncols, 3.8 * nrows), dpi=100)

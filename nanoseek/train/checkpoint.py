@@ -58,8 +58,9 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from ..fsutil import fsync_path, sha256_file, write_json_durable
+from .. import hf
 from ..errors import CheckpointError
+from ..fsutil import fsync_path, sha256_file, write_json_durable
 from . import distributed as dist
 from .faults import maybe_fault
 
@@ -264,8 +265,6 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module, opt
     ``OSError`` (ENOSPC, EIO, ...) removes the partial directory and raises :class:`CheckpointError`
     naming the path, the error and the last good checkpoint, which is intact.
     """
-    import nanoseek
-
     final = checkpoint_dir(run_dir, step)
     previous = [p for p in list_checkpoints(run_dir) if p != final]
     good = (f"the last good checkpoint {previous[-1]} is intact" if previous
@@ -288,7 +287,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module, opt
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        nanoseek.save(model, tmp / MODEL_DIR, max_shard_size="10GB", state_dict=model_state)
+        hf.save(model, tmp / MODEL_DIR, max_shard_size="10GB", state_dict=model_state)
         if tokenizer_dir is not None:
             copy_tokenizer(tokenizer_dir, tmp / MODEL_DIR, durable=True)
         fsync_path(tmp / MODEL_DIR)
@@ -454,13 +453,11 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu", veri
     ``verify``: check the ``model/`` files against the manifest first (pass False only right after
     :func:`verify_checkpoint` or :func:`latest_checkpoint` checked the whole checkpoint). Weights
     that are NaN or infinite are refused either way."""
-    import nanoseek
-
     path = Path(path)
     if verify:
         verify_checkpoint(path, only=f"{MODEL_DIR}/")
     try:
-        model = nanoseek.load(path / MODEL_DIR, device="cpu")
+        model = hf.load(path / MODEL_DIR, device="cpu")
     except CheckpointError as exc:
         raise CheckpointError(f"checkpoint {path.name}: {exc}") from None
     except (OSError, ValueError, RuntimeError, safetensors.SafetensorError) as exc:
