@@ -1,6 +1,7 @@
-"""Worker for tests/test_distributed.py's GRPO test: ``python grpo_dist_worker.py INIT OUT`` (one
+"""Worker for tests/test_distributed.py's GRPO tests: ``python grpo_dist_worker.py INIT OUT`` (one
 process) or the same under ``torchrun --nproc_per_node 2`` (gloo, CPU): the toy task of
-tests/grpo_toy.py through ``nanoseek.rl.grpo`` with the same settings whatever the number of processes."""
+tests/grpo_toy.py through ``nanoseek.rl.grpo`` with the same settings whatever the number of
+processes; ``python grpo_dist_worker.py - OUT --resume`` continues the run in OUT."""
 
 from __future__ import annotations
 
@@ -12,5 +13,8 @@ from nanoseek.rl.grpo import grpo
 
 if __name__ == "__main__":
     register()
-    grpo(sys.argv[2], init_from=sys.argv[1], task=TASK, reward=TASK, steps=3, prompts_per_step=4, group_size=4,
-         max_tokens=8, lr=1e-2, seed=3, checkpoint_every=100, report=False, device="cpu", log=lambda s: None)
+    if sys.argv[3:] == ["--resume"]:
+        grpo(sys.argv[2], resume=True)
+    else:
+        grpo(sys.argv[2], init_from=sys.argv[1], task=TASK, reward=TASK, steps=3, prompts_per_step=4, group_size=4,
+             max_tokens=8, lr=1e-2, seed=3, checkpoint_every=2, report=False, device="cpu", log=lambda s: None)

@@ -145,6 +145,10 @@ class GRPOTrainer(RunTrainer):
                     raise NanoseekError(f"cannot resume: the reference policy {cfg.init_from} (init_from) is gone")
                 ref, _ = load_with_tokenizer(cfg.init_from, str(self.device), "float32")
             self.ref_model = ref.eval().requires_grad_(False)
+        # GRPO scores the main head only: the MTP modules get no gradient, so they are frozen and the
+        # optimizer holds no state for them (FSDP2 refuses to resume trainable parameters without it)
+        for module in model.mtp:
+            module.requires_grad_(False)
         try:
             self.n_trainable = train_top_layers(model, cfg.train_layers)
         except ValueError as exc:
