@@ -49,7 +49,7 @@ from nanoseek.device import autocast_dtype, pick_device  # noqa: E402
 from nanoseek.info import training_flops_per_token  # noqa: E402
 
 DEFAULT_SHAPES = {"tiny": (2, 32), "small": (4, 256), "bench": (8, 2048)}
-IMPLS = ("nanoseek", "nanoseek-fp8", "transformers")
+IMPLS = ("nanoseek", "nanoseek-compiled", "nanoseek-fp8", "transformers")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -60,13 +60,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=None, help="default: bench 2048, small 256, tiny 32")
     p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    p.add_argument("--compile", action="store_true", help="torch.compile both models")
+    p.add_argument("--compile", action="store_true", help="torch.compile every row (transformers too)")
     p.add_argument("--fp8", action="store_true",
                    help="add a nanoseek row with convert_to_fp8 (block-wise FP8 GEMMs; emulation backend "
                         "until the Triton kernels exist, so expect it slower than bf16)")
     p.add_argument("--fp8-ue8m0", action="store_true", help="power-of-two FP8 scales (with --fp8)")
     p.add_argument("--impls", default=None,
-                   help=f"comma list from {', '.join(IMPLS)} (default: nanoseek,transformers; --fp8 adds nanoseek-fp8)")
+                   help=f"comma list from {', '.join(IMPLS)} (default: nanoseek,nanoseek-compiled,transformers; "
+                        "--fp8 adds nanoseek-fp8)")
     p.add_argument("--mtp", action="store_true", help="keep the preset's MTP modules in nanoseek")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16-autocast"],
                    help="auto: bf16 autocast where the device supports it, else float32")
@@ -81,7 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     b, t = DEFAULT_SHAPES[args.preset]
     args.batch_size = args.batch_size or b
     args.seq_len = args.seq_len or t
-    impls = args.impls.split(",") if args.impls else ["nanoseek", "transformers"]
+    impls = args.impls.split(",") if args.impls else ["nanoseek", "nanoseek-compiled", "transformers"]
     if args.fp8 and "nanoseek-fp8" not in impls:
         impls.insert(impls.index("nanoseek") + 1 if "nanoseek" in impls else 0, "nanoseek-fp8")
     bad = [i for i in impls if i not in IMPLS]
@@ -113,12 +114,13 @@ def batches(cfg, n: int, batch: int, seq: int, seed: int, device: torch.device) 
     return out
 
 
-def run_one(name: str, model: torch.nn.Module, step_loss, data, args, device, amp) -> dict:
-    """Warm-up then timed steps of ``step_loss`` (forward + loss) + backward + clip + AdamW."""
+def run_one(name: str, model: torch.nn.Module, step_loss, data, args, device, amp, compile: bool) -> dict:
+    """Warm-up then timed steps of ``step_loss`` (forward + loss) + backward + clip + AdamW.
+    ``first_step_s`` is the first step's time (where ``torch.compile`` compiles)."""
     model.train()
     opt, opt_kind = make_optimizer(model, device, args.lr)
-    forward = torch.compile(model) if args.compile else model
-    times, losses = [], []
+    forward = torch.compile(model) if compile else model
+    times, losses, first = [], [], None
     with PeakMemory(device) as mem:
         for i, (x, y) in enumerate(data):
             with Timer(device) as t:
@@ -129,12 +131,13 @@ def run_one(name: str, model: torch.nn.Module, step_loss, data, args, device, am
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
+            first = t.seconds if first is None else first
             if i >= args.warmup:
                 times.append(t.seconds)
     step = median(times)
     return {"impl": name, "optimizer": opt_kind, "step_time_median_s": step, "step_times_s": times,
             "tokens_per_s": args.batch_size * args.seq_len / step, "peak_mem_bytes": mem.peak,
-            "mem_kind": mem.kind, "loss_first": losses[0], "loss_last": losses[-1]}
+            "mem_kind": mem.kind, "loss_first": losses[0], "loss_last": losses[-1], "first_step_s": first}
 
 
 def main(argv=None) -> dict:
@@ -195,6 +198,8 @@ def main(argv=None) -> dict:
 
             gmm = "grouped_mm" if _grouped_mm_works(device.type, compute_dtype) else "loop"
             impl_detail = "sdpa attention, experts " + ("fp8 emulation" if name == "nanoseek-fp8" else gmm)
+            if name == "nanoseek-compiled" or args.compile:
+                impl_detail += ", torch.compile"
         else:
             model, impl = build_transformers_model(cfg, device, init_state)
             flops = training_flops_per_token(cfg.replace(num_nextn_predict_layers=0), args.seq_len)
@@ -203,7 +208,7 @@ def main(argv=None) -> dict:
                 return fwd(input_ids=x, labels=y, shift_labels=y).loss
             impl_detail = f"attn {impl['attn']}, experts {impl['experts']}"
         print(f"running {name} ({impl_detail}) ...", flush=True)
-        row = run_one(name, model, step_loss, data, args, device, amp)
+        row = run_one(name, model, step_loss, data, args, device, amp, args.compile or name == "nanoseek-compiled")
         row["detail"] = impl_detail
         row["flops_per_token"] = flops
         row["tflops"] = row["tokens_per_s"] * flops / 1e12
@@ -226,7 +231,7 @@ def main(argv=None) -> dict:
     print(format_table(rows, [("implementation", "impl", ""), ("tokens/s", "tokens_per_s", ",.0f"),
                               ("TFLOP/s", "tflops", ".3f"), ("MFU %", "mfu_pct", ".2f"),
                               (mem_label, "peak_mem_gib", ".2f"), ("x transformers", "ratio_vs_transformers", ".2f"),
-                              ("loss first", "loss_first", ".4f")]))
+                              ("loss first", "loss_first", ".4f"), ("first step s", "first_step_s", ".1f")]))
     payload = {"benchmark": "train_throughput", **info, "preset": args.preset, "batch_size": args.batch_size,
                "seq_len": args.seq_len, "steps": args.steps, "warmup": args.warmup, "compile": args.compile,
                "precision": "bf16-autocast" if amp else "fp32", "peak_tflops": peak, "peak_source": peak_source,

@@ -312,6 +312,8 @@ class Float8RoutedExperts(RoutedExperts):
     gate and up grids of the hub checkpoints.
     """
 
+    gathers_small_batches = False  # every expert GEMM goes through the FP8 path
+
     @classmethod
     def from_experts(cls, experts: RoutedExperts, *, block: int = 128, ue8m0: bool = False) -> Float8RoutedExperts:
         new = cls.__new__(cls)

@@ -80,7 +80,7 @@ def test_slot_cache_view_positions_mask_and_scatter():
         c_all, k_all, mask = view.update(1, c, k)
         assert c_all.shape == (2, 7, 32) and mask.shape == (2, 2, 7)
         for i, (slot, s) in enumerate(zip(slots, starts)):
-            assert torch.equal(cache.c_kv[1, slot, s:s + 2], c[i])
+            assert torch.equal(cache.c_kv[1][slot, s:s + 2], c[i])
             assert torch.equal(c_all[i, s:s + 2], c[i]) and torch.equal(k_all[i, s:s + 2], k[i])
             assert mask[i].tolist() == [[j <= s + t for j in range(7)] for t in range(2)]
     view.update(3, c, k)  # the MTP layer in the same step: fine
@@ -459,3 +459,56 @@ def test_padded_vocab_ids_are_never_sampled():
     outs = engine.generate([[5, 6, 7], [8]], [SamplingParams(temperature=0, max_tokens=6),
                                             SamplingParams(temperature=1.0, max_tokens=6, seed=1)])
     assert all(t < tok.vocab_size for o in outs for t in o.token_ids)
+
+
+# ---------------------------------------------------------------------------------------- compiled step
+def _compiler_works() -> bool:
+    """Whether torch.compile can build a CPU graph here (inductor needs a C++ compiler)."""
+    try:
+        return torch.compile(lambda x: x * 2 + 1)(torch.ones(3)).sum().item() == 9.0
+    except Exception:  # no compiler, an unsupported platform: the engine then decodes eagerly
+        return False
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    """Two decoder layers (one dense, one MoE) plus MTP: every kind of block, little to compile."""
+    torch.manual_seed(3)
+    return _bigram_model(DeepSeekV3(tiny(num_hidden_layers=2)).eval(), 0.5)
+
+
+def test_compiled_decode_step_gives_the_eager_tokens(small_model):
+    """torch.compile'd decode (plain and speculative) = eager decode, token for token and logprob for
+    logprob: greedy and seeded sampled rows, mid-flight admission, both MoE formulations (the gathered
+    one for at most E token-expert pairs, the grouped custom operator past that)."""
+    if not _compiler_works():
+        pytest.skip("torch.compile cannot build CPU graphs here (no C++ compiler)")
+    prompts = prompts_of(3, 10, 6, 4, seed=9)
+    params = [SamplingParams(temperature=0, max_tokens=12), SamplingParams(temperature=0.9, top_k=40, max_tokens=12, seed=5),
+              SamplingParams(temperature=1.1, top_p=0.9, max_tokens=9, seed=6), SamplingParams(temperature=0, max_tokens=10)]
+    schedule = {0: [(prompts[0], params[0], "0"), (prompts[1], params[1], "1")],
+                2: [(prompts[2], params[2], "2"), (prompts[3], params[3], "3")]}
+    for speculative in (None, "mtp"):
+        runs = []
+        for compile in (False, True):
+            eng = engine(small_model, speculative=speculative, compile=compile)
+            _, events = drive(eng, schedule)
+            assert eng.decode_step.compiled == compile  # compiling did not fall back
+            runs.append([(e.request_id, e.token_id) for e in events])
+            runs.append([round(e.logprob, 4) for e in events])
+        assert runs[0] == runs[2]
+        assert runs[1] == runs[3]
+
+
+def test_decode_step_falls_back_to_eager_when_compiling_fails(model, monkeypatch):
+    def broken_compile(fn, **kw):
+        def run(*args):
+            raise RuntimeError("no C++ compiler")
+        return run
+
+    want = engine(model).generate(prompts_of(5, seed=4), GREEDY)[0].token_ids
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    eng = engine(model, compile=True)
+    with pytest.warns(RuntimeWarning, match="decoding eagerly"):
+        got = eng.generate(prompts_of(5, seed=4), GREEDY)[0].token_ids
+    assert got == want and not eng.decode_step.compiled

@@ -118,8 +118,9 @@ def test_routed_experts_match_per_token_reference_including_gradients():
             ref[t] += w[t, j] * (experts.down_proj[e] @ (F.silu(gate) * up))
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     assert counts.tolist() == torch.bincount(ids.flatten(), minlength=8).tolist()
-    g_out = torch.autograd.grad(out.square().sum(), [x, experts.gate_up_proj])
-    g_ref = torch.autograd.grad(ref.square().sum(), [x, experts.gate_up_proj])
+    wanted = [x, experts.gate_up_proj, experts.down_proj]
+    g_out = torch.autograd.grad(out.square().sum(), wanted)
+    g_ref = torch.autograd.grad(ref.square().sum(), wanted)
     for a, b in zip(g_out, g_ref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
@@ -240,7 +241,7 @@ def test_latent_cache_decode_equals_full_forward(q_lora_rank):
             steps.append(model(ids[:, i:i + 1], cache=cache.view(rows)).logits)
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-5)
     assert cache.lengths == [10, 10]
-    assert cache.c_kv.shape[-1] + cache.k_pe.shape[-1] == cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    assert cache.c_kv[0].shape[-1] + cache.k_pe[0].shape[-1] == cfg.kv_lora_rank + cfg.qk_rope_head_dim
 
 
 def test_mtp_draft_through_the_cache_equals_the_uncached_mtp_block():

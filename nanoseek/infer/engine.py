@@ -11,6 +11,11 @@ A step
        (T = 1; T = 2 with speculation), the ones admitted in this step included. Requests join and
        leave between steps; a finished or aborted request frees its slot at once.
 
+The decode forward is :class:`~nanoseek.infer.decode_step.DecodeStep`: fixed shapes over the first
+``n`` slots (slots are taken lowest first, so ``n`` is about the number of running requests),
+sampling on the device, one read of the sampled ids per step. ``compile=True`` runs it through
+``torch.compile`` (CUDA graphs on CUDA); the prefill stays eager (its shapes vary with the prompts).
+
 Seeds
     A seeded request reproduces its tokens whatever shares the batch. Requests that share a seed
     draw the same uniform numbers: give each sample of a GRPO group its own seed (or none).
@@ -49,7 +54,8 @@ from typing import Any, Sequence
 import torch
 
 from ..model.cache import SlotLatentCache
-from .sampling import GenerationError, SamplingParams, sample_tokens, verify_draft
+from .decode_step import DecodeStep, mask_unusable
+from .sampling import GenerationError, RowParams, SamplingParams, draw_uniforms, sample_tokens
 
 
 @dataclass
@@ -127,7 +133,6 @@ class _Request:
         self.logprobs: list[float] = []
         self.pending: int | None = None  # newest token, not yet in the cache
         self.draft: int | None = None  # MTP draft for the token after ``pending``
-        self.draft_probs: torch.Tensor | None = None
         self.text_ids: list[int] = []  # output ids that count as text (stop tokens excluded)
         self.prefix_offset = 0
         self.read_offset = 0
@@ -148,12 +153,13 @@ class Engine:
     ``max_seq_len`` (prompt + generated tokens; default ``config.max_position_embeddings``) sizes the
     cache: ``max_slots × max_seq_len × bytes_per_token``. ``eos_token_ids`` default to the
     tokenizer's EOS and the config's ``eos_token_id``. ``speculative="mtp"`` drafts with MTP module 0.
+    ``compile`` runs the decode step through ``torch.compile`` (see the module docstring).
     """
 
     def __init__(self, model, tokenizer=None, max_slots: int = 16, max_seq_len: int | None = None,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                  speculative: str | None = None, eos_token_ids: Sequence[int] | None = None,
-                 prefill_chunk: int = 512):
+                 prefill_chunk: int = 512, compile: bool = False):
         cfg = model.config
         param = next(model.parameters())
         self.device = torch.device(device) if device is not None else param.device
@@ -196,6 +202,10 @@ class Engine:
         # maps to; they are never sampled.
         tok_vocab = getattr(tokenizer, "vocab_size", None)
         self._n_usable = tok_vocab if tok_vocab is not None and tok_vocab < cfg.vocab_size else None
+        self.decode_step = DecodeStep(model, self.cache, self._n_usable, compile=compile)
+        # each slot's sampling parameters and (speculation) its draft's distribution, on the device
+        self._rows = RowParams.of([SamplingParams(temperature=0)] * max_slots, self.device)
+        self._draft_probs = torch.zeros(max_slots, cfg.vocab_size, device=self.device) if speculative else None
         self.stats = EngineStats(cache_bytes_per_token=self.cache.bytes_per_token())
         self._waiting: deque[_Request] = deque()
         self._running: dict[str, _Request] = {}
@@ -313,13 +323,6 @@ class Engine:
         return [done[rid] for rid in ids]
 
     # ------------------------------------------------------------------ forwards
-    def _usable(self, logits: torch.Tensor) -> torch.Tensor:
-        """Logits with the ids past the tokenizer's vocabulary (model padding) masked out."""
-        if self._n_usable is None:
-            return logits
-        return logits.index_fill(-1, torch.arange(self._n_usable, logits.shape[-1], device=logits.device),
-                                 float("-inf"))
-
     def _prefill(self, reqs: list[_Request]) -> list[TokenEvent]:
         """Prefill new prompts together (right-padded, chunked); sample each first token (and draft)."""
         spec = self.speculative is not None
@@ -343,7 +346,7 @@ class Engine:
             done = [j for j, r in enumerate(live) if len(r.prompt_ids) <= end]
             last = [len(live[j].prompt_ids) - 1 - start for j in done]
             if done:
-                toks, lps = sample_tokens(self._usable(out.logits[done, last]), [live[j].params for j in done],
+                toks, lps = sample_tokens(mask_unusable(out.logits[done, last], self._n_usable), [live[j].params for j in done],
                                           [live[j].generator for j in done])
                 for j, t, lp in zip(done, toks.tolist(), lps.tolist()):
                     first[live[j].id] = (t, lp)
@@ -358,60 +361,78 @@ class Engine:
                         nxt[j, len(r.prompt_ids) - 1 - start] = first[r.id][0]
                 draft_logits, _ = self.model.mtp_draft_logits(0, out.hidden_states, nxt.to(self.device), cache=view)
                 if done:
-                    drafts, _, probs = sample_tokens(self._usable(draft_logits[done, last]), [live[j].params for j in done],
+                    drafts, _, probs = sample_tokens(mask_unusable(draft_logits[done, last], self._n_usable),
+                                                     [live[j].params for j in done],
                                                      [live[j].generator for j in done], return_probs=True)
                     for j, d, q in zip(done, drafts.tolist(), probs):
-                        live[j].draft, live[j].draft_probs = d, q
+                        live[j].draft = d
+                        if q is not None:
+                            self._draft_probs[live[j].slot] = q
             start = end
         events = []
         for r in reqs:
             self.cache.truncate(r.slot, len(r.prompt_ids))  # drop the padding's entries
             token, logprob = first[r.id]
             r.pending = token
+            self._rows.set_row(r.slot, r.params)
             events.append(self._emit(r, token, logprob))
         return events
 
+    def _step_inputs(self, active: list[_Request], width: int, uniforms: int):
+        """ids [n, width] (the pending token first), start positions [n] and uniforms [n, uniforms]
+        for the first n slots, n = the highest running slot + 1 and at least 2 (a compiled graph
+        specialises on a batch of 1; one more row costs little); rows of idle slots are padding."""
+        n = min(max(active[-1].slot + 1, 2), self.cache.n_slots)
+        ids = [[0] * width for _ in range(n)]
+        start = [0] * n
+        u = torch.zeros(n, uniforms, dtype=torch.float64)
+        for r in active:
+            ids[r.slot] = [r.pending, r.draft][:width]
+            start[r.slot] = self.cache.lengths[r.slot]
+            if start[r.slot] + width > self.cache.max_len:
+                raise GenerationError(f"latent cache full: request {r.id} at {start[r.slot]} tokens + {width} "
+                                      f"> max_seq_len {self.cache.max_len}")
+        sampled = [r for r in active if not r.params.greedy]
+        if sampled:
+            u[[r.slot for r in sampled]] = torch.stack([draw_uniforms([r.params] * uniforms, [r.generator] * uniforms)
+                                                        for r in sampled])
+        device = self.device
+        return (torch.tensor(ids, dtype=torch.long, device=device), torch.tensor(start, device=device),
+                self._rows.rows(n), u.to(device))
+
     def _decode(self, active: list[_Request]) -> list[TokenEvent]:
-        ids = torch.tensor([[r.pending] for r in active], dtype=torch.long, device=self.device)
-        out = self.model(ids, cache=self.cache.view([r.slot for r in active]))
-        toks, lps = sample_tokens(self._usable(out.logits[:, -1]), [r.params for r in active], [r.generator for r in active])
+        ids, start, rows, u = self._step_inputs(active, 1, 1)
+        toks, lps = self.decode_step.plain(ids, start, rows, u[:, 0])
+        toks, lps = toks.tolist(), lps.tolist()
         self._count_decode(len(active), len(active))
         events = []
-        for r, t, lp in zip(active, toks.tolist(), lps.tolist()):
-            r.pending = t
-            events.append(self._emit(r, t, lp))
+        for r in active:
+            self.cache.lengths[r.slot] += 1
+            r.pending = toks[r.slot]
+            events.append(self._emit(r, r.pending, lps[r.slot]))
         return events
 
     def _decode_speculative(self, active: list[_Request]) -> list[TokenEvent]:
-        b = len(active)
-        params, gens = [r.params for r in active], [r.generator for r in active]
-        ids = torch.tensor([[r.pending, r.draft] for r in active], dtype=torch.long, device=self.device)
-        view = self.cache.view([r.slot for r in active])
-        out = self.model(ids, cache=view, return_hidden=True)  # writes positions L, L+1; advances
-        drafts = ids[:, 1]
-        tokens, lps, accepted = verify_draft(self._usable(out.logits), drafts, [r.draft_probs for r in active], params, gens)
-        # The MTP block at positions L, L+1: [h_L ; emb(t_L+1)] and [h_L+1 ; emb(t_L+2)]; a rejected
-        # row's second entry is junk, truncated below, and its draft comes from position L.
-        follow = torch.stack([tokens[:, 0], torch.where(accepted, tokens[:, 1], tokens[:, 0])], dim=1)
-        draft_logits, _ = self.model.mtp_draft_logits(0, out.hidden_states, follow, cache=view)
-        draft_logits = draft_logits[torch.arange(b, device=self.device), accepted.long()]
-        new_drafts, _, new_probs = sample_tokens(self._usable(draft_logits), params, gens, return_probs=True)
-        accepted_list = accepted.tolist()
-        n_acc = sum(accepted_list)
-        self._count_decode(b, b + n_acc)
-        self.stats.draft_tokens += b
+        ids, start, rows, u = self._step_inputs(active, 2, 3)
+        n = ids.shape[0]
+        tokens, lps, accepted, drafts, draft_probs = self.decode_step.speculative(
+            ids, start, self._draft_probs[:n], rows, u)
+        self._draft_probs[:n] = draft_probs
+        tokens, lps, accepted, drafts = tokens.tolist(), lps.tolist(), accepted.tolist(), drafts.tolist()
+        n_acc = sum(accepted[r.slot] for r in active)
+        self._count_decode(len(active), len(active) + n_acc)
+        self.stats.draft_tokens += len(active)
         self.stats.accepted_tokens += n_acc
         events = []
-        for i, (r, toks, lp, acc, d, q) in enumerate(zip(active, tokens.tolist(), lps.tolist(), accepted_list,
-                                                         new_drafts.tolist(), new_probs)):
-            if not acc:
-                self.cache.truncate(r.slot, view.start[i] + 1)
-            r.draft, r.draft_probs = d, q
-            r.pending = toks[0]
-            events.append(self._emit(r, toks[0], lp[0]))
-            if acc and not r.finished:
-                r.pending = toks[1]
-                events.append(self._emit(r, toks[1], lp[1]))
+        for r in active:
+            i = r.slot
+            self.cache.lengths[i] += 2 if accepted[i] else 1  # a rejected draft's entry is never read
+            r.draft = drafts[i]
+            r.pending = tokens[i][0]
+            events.append(self._emit(r, tokens[i][0], lps[i][0]))
+            if accepted[i] and not r.finished:
+                r.pending = tokens[i][1]
+                events.append(self._emit(r, tokens[i][1], lps[i][1]))
         return events
 
     def _count_decode(self, rows: int, tokens: int) -> None:

@@ -19,6 +19,7 @@ How a token is drawn
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -104,16 +105,29 @@ class SamplingParams:
         return torch.Generator(device="cpu").manual_seed(self.seed)
 
 
-def _key(p: SamplingParams) -> tuple:
-    return (float(p.temperature), int(p.top_k), float(p.top_p))
+class RowParams:
+    """Per-row sampling parameters as tensors on the device: what the batched sampler reads.
 
+    ``temperature`` [n] float32 (0: greedy), ``top_k`` [n] int64 (0: off), ``top_p`` [n] float32
+    (1: off). The compiled decode step takes them as inputs, so rows with different parameters
+    share one graph.
+    """
 
-def _groups(params: Sequence[SamplingParams]) -> dict[tuple, list[int]]:
-    """Row indices grouped by (temperature, top_k, top_p): each group is processed in one go."""
-    groups: dict[tuple, list[int]] = {}
-    for i, p in enumerate(params):
-        groups.setdefault(_key(p), []).append(i)
-    return groups
+    def __init__(self, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor):
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+
+    @classmethod
+    def of(cls, params: Sequence[SamplingParams], device: torch.device | str = "cpu") -> RowParams:
+        return cls(torch.tensor([float(p.temperature) for p in params], dtype=torch.float32, device=device),
+                   torch.tensor([int(p.top_k) for p in params], dtype=torch.long, device=device),
+                   torch.tensor([float(p.top_p) for p in params], dtype=torch.float32, device=device))
+
+    def rows(self, n: int) -> RowParams:
+        """The first ``n`` rows (views, no copy)."""
+        return RowParams(self.temperature[:n], self.top_k[:n], self.top_p[:n])
+
+    def set_row(self, i: int, p: SamplingParams) -> None:
+        self.temperature[i], self.top_k[i], self.top_p[i] = float(p.temperature), int(p.top_k), float(p.top_p)
 
 
 def _as_rows(params, n: int) -> list[SamplingParams]:
@@ -125,90 +139,116 @@ def _as_rows(params, n: int) -> list[SamplingParams]:
     return params
 
 
-def _uniforms(generators: Sequence[torch.Generator | None], rows: Sequence[int]) -> torch.Tensor:
-    """One U[0,1) number per row, each from that row's generator (float64, CPU)."""
-    out = torch.empty(len(rows), dtype=torch.float64)
-    for j, i in enumerate(rows):
-        g = generators[i]
-        out[j] = torch.rand((), generator=g, dtype=torch.float64) if g is not None else \
-            torch.rand((), dtype=torch.float64)
+def draw_uniforms(params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """One U[0,1) number per sampled row from that row's generator (float64, CPU); 0 for greedy rows."""
+    out = torch.zeros(len(params), dtype=torch.float64)
+    for i, (p, g) in enumerate(zip(params, generators)):
+        if not p.greedy:
+            out[i] = torch.rand((), generator=g, dtype=torch.float64)
     return out
 
 
-def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """The distribution tokens are drawn from: [n, V] float32 rows summing to 1.
+def truncated_probs(logits: torch.Tensor, rows: RowParams) -> torch.Tensor:
+    """The distributions tokens are drawn from: [n, V] float32 rows summing to 1.
 
-    ``temperature`` must be > 0 (greedy rows never reach here). Order: temperature, top-k, top-p.
+    Order: temperature, top-k (exactly k, ties broken by index), top-p. Greedy rows get the
+    temperature-1 distribution (their token is the argmax; the caller ignores this row).
     """
-    scaled = logits.float() / temperature
+    temperature = torch.where(rows.temperature > 0, rows.temperature, 1.0)
+    scaled = logits.float() / temperature[:, None]
     vocab = scaled.shape[-1]
-    if 0 < top_k < vocab:
-        drop = torch.ones_like(scaled, dtype=torch.bool)
-        drop.scatter_(-1, scaled.topk(top_k, dim=-1).indices, False)
-        scaled = scaled.masked_fill(drop, float("-inf"))
-    probs = scaled.softmax(dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        mass_before = sorted_p.cumsum(dim=-1) - sorted_p
-        sorted_p = sorted_p.masked_fill(mass_before >= top_p, 0.0)  # the first token always stays
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-        probs = probs / probs.sum(dim=-1, keepdim=True)
-    return probs
+    sorted_logits, order = scaled.sort(dim=-1, descending=True, stable=True)
+    rank = torch.arange(vocab, device=scaled.device)
+    k = torch.where(rows.top_k > 0, rows.top_k, vocab)
+    sorted_p = sorted_logits.masked_fill(rank >= k[:, None], float("-inf")).softmax(dim=-1)
+    mass_before = sorted_p.cumsum(dim=-1) - sorted_p
+    top_p = rows.top_p[:, None]
+    sorted_p = sorted_p.masked_fill((mass_before >= top_p) & (top_p < 1), 0.0)  # the first token always stays
+    sorted_p = sorted_p / sorted_p.sum(dim=-1, keepdim=True)
+    return torch.zeros_like(sorted_p).scatter_(-1, order, sorted_p)
+
+
+def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """:func:`truncated_probs` with one setting for every row (``temperature`` > 0)."""
+    n = logits.shape[0]
+    full = functools.partial(torch.full, (n,), device=logits.device)
+    return truncated_probs(logits, RowParams(full(float(temperature)), full(int(top_k)), full(float(top_p))))
 
 
 def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Inverse-CDF draw: row i takes the first token whose cumulative mass exceeds ``u[i]·total``."""
     cdf = probs.double().cumsum(dim=-1)
-    target = (u.to(cdf.device) * cdf[:, -1]).unsqueeze(-1)
-    idx = torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
+    target = (u.to(cdf.device, cdf.dtype) * cdf[:, -1]).unsqueeze(-1)
+    idx = torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
     # Rounding can land past the last token with mass: take the last such token instead.
-    zero = probs.gather(-1, idx[:, None]).squeeze(-1) <= 0
-    if zero.any():
-        last = (probs > 0).long() * torch.arange(probs.shape[-1], device=probs.device)
-        idx = torch.where(zero, last.argmax(dim=-1), idx)
-    return idx
+    last = ((probs > 0).long() * torch.arange(probs.shape[-1], device=probs.device)).argmax(dim=-1)
+    return torch.where(probs.gather(-1, idx[:, None]).squeeze(-1) > 0, idx, last)
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``log_softmax(logits.float() / temperature)[token]`` per row (temperature 0 → 1)."""
-    scaled = logits.float() / (temperature if temperature > 0 else 1.0)
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float | torch.Tensor) -> torch.Tensor:
+    """``log_softmax(logits.float() / temperature)[token]`` per row (temperature 0 → 1; a float or [n])."""
+    if isinstance(temperature, torch.Tensor):
+        scale = torch.where(temperature > 0, temperature, 1.0)[:, None]
+    else:
+        scale = temperature if temperature > 0 else 1.0
+    scaled = logits.float() / scale
     return scaled.log_softmax(dim=-1).gather(-1, tokens[:, None].to(scaled.device)).squeeze(-1)
+
+
+def sample_rows(logits: torch.Tensor, rows: RowParams, u: torch.Tensor):
+    """Draw one token per row of ``logits`` [n, V] with the uniforms ``u`` [n], on the device.
+
+    Returns ``(tokens [n] int64, logprobs [n] float32, probs [n, V])``: the log-probabilities as
+    the module docstring defines them, ``probs`` the distributions drawn from (greedy rows: unused).
+    """
+    probs = truncated_probs(logits, rows)
+    tokens = torch.where(rows.temperature > 0, draw(probs, u), logits.argmax(dim=-1))
+    return tokens, token_logprobs(logits, tokens, rows.temperature), probs
+
+
+def verify_rows(logits: torch.Tensor, draft_ids: torch.Tensor, draft_probs: torch.Tensor, rows: RowParams,
+                u_accept: torch.Tensor, u_token: torch.Tensor):
+    """Speculative verification of one drafted token per row, on the device (see :func:`verify_draft`).
+
+    ``logits`` [n, 2, V], ``draft_ids`` [n], ``draft_probs`` [n, V] (read for sampled rows only),
+    two uniforms per row. Returns ``(tokens [n, 2], logprobs [n, 2], accepted [n] bool)``.
+    """
+    l0, l1 = logits[:, 0], logits[:, 1]
+    p1, p2 = truncated_probs(l0, rows), truncated_probs(l1, rows)
+    d = draft_ids[:, None]
+    p_d = p1.gather(-1, d).squeeze(-1).double()
+    q_d = draft_probs.gather(-1, d).squeeze(-1).double()
+    accept_sampled = u_accept.to(p_d.device, p_d.dtype) * q_d < p_d  # u < p/q; q(d) > 0 as d was drawn from q
+    residual = (p1 - draft_probs).clamp(min=0.0)
+    residual = torch.where(residual.sum(dim=-1, keepdim=True) > 0, residual, p1)  # p == q: never rejected
+    sampled = rows.temperature > 0
+    greedy_first = l0.argmax(dim=-1)
+    accepted = torch.where(sampled, accept_sampled, greedy_first == draft_ids)
+    first = torch.where(sampled, torch.where(accept_sampled, draft_ids, draw(residual, u_token)), greedy_first)
+    second = torch.where(sampled, draw(p2, u_token), l1.argmax(dim=-1))
+    logps = torch.stack([token_logprobs(l0, first, rows.temperature), token_logprobs(l1, second, rows.temperature)], 1)
+    return torch.stack([first, second], dim=1), logps, accepted
 
 
 def sample_tokens(logits: torch.Tensor, params: SamplingParams | Sequence[SamplingParams],
                   generators: Sequence[torch.Generator | None] | None = None, return_probs: bool = False):
-    """Draw one token per row of ``logits`` [B, V].
+    """Draw one token per row of ``logits`` [B, V] (:func:`sample_rows` with per-row settings).
 
     ``params`` is one :class:`SamplingParams` for all rows or one per row; ``generators`` one per
-    row (``None`` entries use torch's global RNG). Rows sharing (temperature, top_k, top_p) are
-    processed together. Returns ``(token_ids [B] int64, logprobs [B] float32)`` on ``logits``'
-    device, the log-probabilities as defined in the module docstring. With ``return_probs`` a
-    third value lists, per row, the distribution the token was drawn from ([V] float32) or
-    ``None`` for greedy rows (speculative decoding needs it as the draft distribution).
+    row (``None`` entries use torch's global RNG). Returns ``(token_ids [B] int64, logprobs [B]
+    float32)`` on ``logits``' device, the log-probabilities as defined in the module docstring. With
+    ``return_probs`` a third value lists, per row, the distribution the token was drawn from ([V]
+    float32) or ``None`` for greedy rows (speculative decoding needs it as the draft distribution).
     """
     b = logits.shape[0]
     rows_params = _as_rows(params, b)
     generators = list(generators) if generators is not None else [None] * b
     if len(generators) != b:
         raise ValueError(f"got {len(generators)} generators for {b} rows")
-    tokens = torch.empty(b, dtype=torch.long, device=logits.device)
-    logps = torch.empty(b, dtype=torch.float32, device=logits.device)
-    probs_out: list[torch.Tensor | None] = [None] * b
-    for (temperature, top_k, top_p), rows in _groups(rows_params).items():
-        idx = torch.tensor(rows, device=logits.device)
-        sub = logits.index_select(0, idx).float()
-        if temperature == 0:
-            chosen = sub.argmax(dim=-1)
-        else:
-            probs = sampling_probs(sub, temperature, top_k, top_p)
-            chosen = draw(probs, _uniforms(generators, rows))
-            if return_probs:
-                for j, i in enumerate(rows):
-                    probs_out[i] = probs[j]
-        tokens[idx] = chosen
-        logps[idx] = token_logprobs(sub, chosen, temperature)
+    tokens, logps, probs = sample_rows(logits, RowParams.of(rows_params, logits.device),
+                                       draw_uniforms(rows_params, generators))
     if return_probs:
-        return tokens, logps, probs_out
+        return tokens, logps, [None if p.greedy else probs[i] for i, p in enumerate(rows_params)]
     return tokens, logps
 
 
@@ -232,45 +272,12 @@ def verify_draft(logits: torch.Tensor, draft_ids: torch.Tensor, draft_probs: Seq
     only where accepted. Log-probabilities follow the module definition (target model, full
     vocabulary, before truncation).
     """
-    b = logits.shape[0]
+    b, _, vocab = logits.shape
     rows_params = _as_rows(params, b)
     generators = list(generators) if generators is not None else [None] * b
-    device = logits.device
-    first = torch.empty(b, dtype=torch.long, device=device)
-    second = torch.empty(b, dtype=torch.long, device=device)
-    accepted = torch.empty(b, dtype=torch.bool, device=device)
-    draft_ids = draft_ids.to(device)
-    for (temperature, top_k, top_p), rows in _groups(rows_params).items():
-        idx = torch.tensor(rows, device=device)
-        l0 = logits[:, 0].index_select(0, idx).float()
-        l1 = logits[:, 1].index_select(0, idx).float()
-        d = draft_ids.index_select(0, idx)
-        if temperature == 0:
-            t1 = l0.argmax(dim=-1)
-            acc = t1 == d
-            t2 = l1.argmax(dim=-1)
-        else:
-            p1 = sampling_probs(l0, temperature, top_k, top_p)
-            p2 = sampling_probs(l1, temperature, top_k, top_p)
-            q = torch.stack([draft_probs[i].to(device).float() for i in rows])
-            u_accept = _uniforms(generators, rows).to(device)
-            u_token = _uniforms(generators, rows)
-            p_d = p1.gather(-1, d[:, None]).squeeze(-1).double()
-            q_d = q.gather(-1, d[:, None]).squeeze(-1).double()
-            acc = u_accept * q_d < p_d  # u < p/q, with q(d) > 0 since d was drawn from q
-            residual = (p1 - q).clamp_(min=0.0)
-            empty = residual.sum(dim=-1, keepdim=True) <= 0
-            residual = torch.where(empty, p1, residual)  # p == q: rejection has probability 0
-            t1 = torch.where(acc, d, draw(residual, u_token))
-            t2 = draw(p2, u_token)
-        first[idx], second[idx], accepted[idx] = t1, t2, acc
-    logps = torch.stack([_row_logprobs(logits[:, 0], first, rows_params),
-                         _row_logprobs(logits[:, 1], second, rows_params)], dim=1)
-    return torch.stack([first, second], dim=1), logps, accepted
-
-
-def _row_logprobs(logits: torch.Tensor, tokens: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
-    temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params],
-                         dtype=torch.float32, device=logits.device)
-    scaled = logits.float() / temps[:, None]
-    return scaled.log_softmax(dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
+    q = torch.stack([torch.zeros(vocab) if p.greedy else draft_probs[i].float().cpu()
+                     for i, p in enumerate(rows_params)]).to(logits.device)
+    u_accept = draw_uniforms(rows_params, generators)
+    u_token = draw_uniforms(rows_params, generators)
+    return verify_rows(logits, draft_ids.to(logits.device), q, RowParams.of(rows_params, logits.device),
+                       u_accept, u_token)

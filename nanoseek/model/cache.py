@@ -11,8 +11,10 @@ decoding). Within a step ``positions`` and writes refer to the same token positi
 commits them and may be called again (the main forward calls it; the draft block does not move
 anything); every step gets a fresh cache object, so a draft never sees the next step's positions.
 
-:class:`SlotLatentCache` is preallocated once: ``c_kv`` [layers, slots, max_len, kv_lora_rank] and
-``k_pe`` [layers, slots, max_len, qk_rope_head_dim], plus one length per slot. A request owns a slot
+:class:`SlotLatentCache` is preallocated once, one tensor per layer: ``c_kv[layer]`` [slots, max_len,
+kv_lora_rank] and ``k_pe[layer]`` [slots, max_len, qk_rope_head_dim], plus one length per slot (separate
+tensors per layer: a compiled step that writes a few rows of one layer then mutates that layer's
+tensor only, not a copy of the whole cache). A request owns a slot
 from admission to completion; rows of one batch may hold different numbers of tokens.
 :meth:`SlotLatentCache.view` is one step over a batch of slots (a :class:`LatentCacheLayer`):
 
@@ -25,6 +27,11 @@ from admission to completion; rows of one batch may hold different numbers of to
 A view refuses a second write to a layer it has already written (that would be a second step through
 one view, silently overwriting the first). ``truncate`` drops rejected speculative tokens; stale
 entries past a slot's length are never visible and are overwritten later.
+
+:meth:`SlotLatentCache.fixed_step` is the same protocol with fixed shapes, for a decode step that
+``torch.compile`` captures once: rows are the first ``n`` slots, each row's start position is a
+device tensor, the keys are always all ``max_len`` positions (the mask hides those past a row's
+query), and the slot lengths stay with the caller, who commits them after the step.
 """
 
 from __future__ import annotations
@@ -66,8 +73,10 @@ class SlotLatentCache:
         self.n_slots, self.max_len, self.dtype = n_slots, max_len, dtype
         self.device = torch.device(device)
         self.kv_lora_rank, self.rope_dim = config.kv_lora_rank, config.qk_rope_head_dim
-        self.c_kv = torch.zeros(self.n_layers, n_slots, max_len, self.kv_lora_rank, device=device, dtype=dtype)
-        self.k_pe = torch.zeros(self.n_layers, n_slots, max_len, self.rope_dim, device=device, dtype=dtype)
+        self.c_kv = [torch.zeros(n_slots, max_len, self.kv_lora_rank, device=device, dtype=dtype)
+                     for _ in range(self.n_layers)]
+        self.k_pe = [torch.zeros(n_slots, max_len, self.rope_dim, device=device, dtype=dtype)
+                     for _ in range(self.n_layers)]
         self.lengths = [0] * n_slots
         self.in_use = [False] * n_slots
 
@@ -77,7 +86,7 @@ class SlotLatentCache:
         return self.n_layers * (self.kv_lora_rank + self.rope_dim) * self.dtype.itemsize
 
     def total_bytes(self) -> int:
-        return self.c_kv.numel() * self.c_kv.element_size() + self.k_pe.numel() * self.k_pe.element_size()
+        return sum(t.numel() * t.element_size() for t in (*self.c_kv, *self.k_pe))
 
     @property
     def n_free(self) -> int:
@@ -120,6 +129,10 @@ class SlotLatentCache:
         if len(set(slot_ids)) != len(slot_ids):
             raise ValueError(f"slot ids repeat in one batch: {slot_ids}")
         return SlotCacheView(self, slot_ids)
+
+    def fixed_step(self, start: torch.Tensor) -> FixedSlotStep:
+        """One step over slots ``0 .. n-1`` whose tokens start at ``start`` [n] (see the module docstring)."""
+        return FixedSlotStep(self, start)
 
 
 class SlotCacheView:
@@ -166,7 +179,7 @@ class SlotCacheView:
         if self._t != t:
             self._prepare(t)
         cache = self.cache
-        c_layer, k_layer = cache.c_kv[layer_idx], cache.k_pe[layer_idx]
+        c_layer, k_layer = cache.c_kv[layer_idx], cache.k_pe[layer_idx]  # [slots, max_len, ·]
         rows = self._rows[:, None]
         c_layer[rows, self._pos] = c_kv.to(cache.dtype)
         k_layer[rows, self._pos] = k_pe.to(cache.dtype)
@@ -182,3 +195,34 @@ class SlotCacheView:
             return
         for slot, start in zip(self.slots, self.start):
             self.cache.lengths[slot] = start + self._t
+
+
+class FixedSlotStep:
+    """A step of fixed shapes over the first ``n`` slots (:meth:`SlotLatentCache.fixed_step`).
+
+    Rows past the caller's live requests are padding: they write at their ``start`` (give 0) into
+    free slots, whose entries nobody reads before a prompt overwrites them. Rows must keep
+    ``start + T <= max_len``; the caller checks lengths before the step (a compiled graph cannot raise).
+    """
+
+    def __init__(self, cache: SlotLatentCache, start: torch.Tensor):
+        self.cache = cache
+        self.start = start
+        self.n = start.shape[0]
+
+    def positions(self, seq: int) -> torch.Tensor:
+        return self.start[:, None] + torch.arange(seq, device=self.start.device)
+
+    def update(self, layer_idx: int, c_kv: torch.Tensor, k_pe: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        n, t, _ = c_kv.shape
+        pos = self.positions(t)
+        rows = torch.arange(n, device=pos.device)[:, None].expand(n, t)
+        c_layer, k_layer = self.cache.c_kv[layer_idx], self.cache.k_pe[layer_idx]
+        c_layer.index_put_((rows, pos), c_kv.to(c_layer.dtype))
+        k_layer.index_put_((rows, pos), k_pe.to(k_layer.dtype))
+        keys = torch.arange(self.cache.max_len, device=pos.device)
+        return c_layer[:n], k_layer[:n], keys[None, None, :] <= pos[:, :, None]
+
+    def advance(self) -> None:
+        """Nothing: the caller owns the lengths of a fixed step (it knows which tokens it keeps)."""

@@ -85,15 +85,59 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, impl:
     """Rows of ``x`` [M, K], sorted by expert with ``counts`` [E] rows each, times ``w[e]`` [E, N, K]ᵀ.
 
     ``impl``: ``grouped_mm`` (one ``torch._grouped_mm`` call, no host sync), ``loop`` (one matmul per
-    expert over its contiguous slice — the portable fallback) or ``auto``.
+    expert over its contiguous slice — the portable fallback) or ``auto``: ``grouped_mm`` where it
+    runs. Under ``torch.compile`` in dtypes other than bf16 (the compiler's shape function for
+    ``_grouped_mm`` takes bf16 only) the product is :func:`expert_matmul_op`, one operator the
+    compiler keeps whole and fuses everything around.
     """
-    if impl == "auto":
-        impl = "grouped_mm" if _grouped_mm_works(x.device.type, x.dtype) else "loop"
-    if impl == "grouped_mm":
+    if impl == "auto" and torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
+        return expert_matmul_op(x, w, counts)
+    if impl == "grouped_mm" or (impl == "auto" and _grouped_mm_works(x.device.type, x.dtype)):
         offs = counts.cumsum(0).to(torch.int32)
         return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
     outs = [xe @ w[e].t() for e, xe in enumerate(x.split(counts.tolist())) if xe.shape[0]]
     return torch.cat(outs) if outs else x.new_zeros(0, w.shape[1])
+
+
+@torch.library.custom_op("nanoseek::expert_matmul", mutates_args=())
+def expert_matmul_op(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """:func:`grouped_matmul` (``auto``) as one custom operator: what ``torch.compile`` calls in float32,
+    where it cannot trace ``_grouped_mm`` and the per-expert row counts are data. Backward:
+    :func:`_expert_matmul_backward`."""
+    return grouped_matmul(x, w, counts)
+
+
+@expert_matmul_op.register_fake
+def _(x, w, counts):
+    return x.new_empty(x.shape[0], w.shape[1])
+
+
+@torch.library.custom_op("nanoseek::expert_weight_grad", mutates_args=())
+def expert_weight_grad(grad: torch.Tensor, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The weight gradient of the grouped product: ``dW[e] = grad[rows of e]ᵀ @ x[rows of e]``."""
+    sizes = counts.tolist()
+    dw = [g.t() @ xe for g, xe in zip(grad.split(sizes), x.split(sizes))]
+    return torch.stack(dw) if dw else grad.new_zeros(0, grad.shape[1], x.shape[1])
+
+
+@expert_weight_grad.register_fake
+def _(grad, x, counts):
+    return grad.new_empty(counts.shape[0], grad.shape[1], x.shape[1])
+
+
+def _expert_matmul_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _expert_matmul_backward(ctx, grad):
+    x, w, counts = ctx.saved_tensors
+    grad = grad.contiguous()
+    dx = expert_matmul_op(grad, w.transpose(-2, -1), counts) if ctx.needs_input_grad[0] else None
+    dw = expert_weight_grad(grad, x, counts) if ctx.needs_input_grad[1] else None
+    return dx, dw, None
+
+
+expert_matmul_op.register_autograd(_expert_matmul_backward, setup_context=_expert_matmul_setup)
 
 
 class RoutedExperts(nn.Module):
@@ -106,17 +150,24 @@ class RoutedExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(e, h, i))
         self.impl = "auto"
 
+    #: whether a forward of at most ``E`` token-expert pairs may use :meth:`gathered`
+    gathers_small_batches = True
+
     def expert_matmul(self, x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """The experts' GEMM: :func:`grouped_matmul` (FP8 training overrides it, see ``nanoseek.fp8_training``)."""
         return grouped_matmul(x, w, counts, self.impl)
 
     def forward(self, x: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [N, H] → ([N, H], tokens per expert [E]). One permutation in, one out; no token loop."""
+        """x [N, H] → ([N, H], tokens per expert [E]). No token loop: one permutation in and one out,
+        or, for at most ``E`` token-expert pairs (decoding), :meth:`gathered`."""
         n_experts = self.gate_up_proj.shape[0]
-        top_k = routing.expert_ids.shape[1]
         flat_ids = routing.expert_ids.reshape(-1)
+        counts = torch.zeros(n_experts, dtype=torch.long, device=x.device).scatter_add_(
+            0, flat_ids, torch.ones_like(flat_ids))  # bincount's output size is data to a compiler
+        if self.gathers_small_batches and self.impl == "auto" and flat_ids.shape[0] <= n_experts:
+            return self.gathered(x, routing), counts
+        top_k = routing.expert_ids.shape[1]
         order = flat_ids.argsort(stable=True)
-        counts = torch.bincount(flat_ids, minlength=n_experts)
         token_of = order // top_k
         xs = x[token_of]
         gate, up = self.expert_matmul(xs, self.gate_up_proj, counts).chunk(2, dim=-1)
@@ -124,6 +175,15 @@ class RoutedExperts(nn.Module):
         ys = ys * routing.weights.reshape(-1)[order].unsqueeze(-1).to(ys.dtype)
         out = torch.zeros_like(x).index_add_(0, token_of, ys)
         return out, counts
+
+    def gathered(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """Each token times its own experts' weights, gathered: with no more token-expert pairs than
+        experts this reads about what the grouped GEMM reads, in a few fixed-shape operations (no sort,
+        no per-expert split), which is what a compiled decode step wants."""
+        ids = routing.expert_ids
+        gate, up = torch.einsum("nh,nkih->nki", x, self.gate_up_proj[ids]).chunk(2, dim=-1)
+        ys = torch.einsum("nki,nkhi->nkh", F.silu(gate) * up, self.down_proj[ids])
+        return (ys * routing.weights.unsqueeze(-1).to(ys.dtype)).sum(dim=1)
 
 
 @dataclass
