@@ -64,7 +64,8 @@ def cmd_speedrun(args: argparse.Namespace) -> int:
 
     out = args.out or Path("runs") / f"speedrun-{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_speedrun(out, preset=args.preset, seed=args.seed, device=args.device,
-                 price_per_device_hour=args.price_per_hour, answer_only_fraction=args.answer_only)
+                 price_per_device_hour=args.price_per_hour, answer_only_fraction=args.answer_only,
+                 compile=args.compile)
     return 0
 
 
@@ -125,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--answer-only", type=float, default=None, metavar="FRACTION",
                    help="share of corpus and cold-start problems answered without the working (default: the "
                         "preset's, 0.6); 0 trains only on worked solutions")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the training steps and the decode steps of GRPO's rollouts and the "
+                        "evaluations (off by default: on 2 CPU cores compiling costs more than it saves; see README)")
     p.set_defaults(handler=cmd_speedrun)
 
     p = sub.add_parser("report", help="cost and quality report card (report.md + plots) of a run directory")

@@ -171,9 +171,10 @@ class _Clock:
 
 def run_speedrun(out: str | Path, preset: str = "cpu", seed: int = 0, device: str = "auto",
                  price_per_device_hour: float = 2.0, log: Callable[[str], None] = print,
-                 answer_only_fraction: float | None = None) -> dict:
+                 answer_only_fraction: float | None = None, compile: bool = False) -> dict:
     """Run every stage into ``out``; returns the summary (also written to ``out/summary.json``).
-    ``answer_only_fraction`` replaces the preset's :attr:`SpeedrunPreset.answer_only_fraction`."""
+    ``answer_only_fraction`` replaces the preset's :attr:`SpeedrunPreset.answer_only_fraction`;
+    ``compile`` runs every training step and every decode step through ``torch.compile``."""
 
     if preset not in PRESETS:
         raise NanoseekError(f"unknown speedrun preset {preset!r} (choose from {', '.join(PRESETS)})")
@@ -206,7 +207,7 @@ def run_speedrun(out: str | Path, preset: str = "cpu", seed: int = 0, device: st
     def held_out(stage: str, ckpt: Path, prompt_fn: Callable | None = None) -> dict:
         t0 = time.perf_counter()
         model, tokenizer = load_with_tokenizer(str(ckpt), device)
-        engine = Engine(model, tokenizer, max_slots=64, max_seq_len=512 + p.eval_max_tokens)
+        engine = Engine(model, tokenizer, max_slots=64, max_seq_len=512 + p.eval_max_tokens, compile=compile)
         result = evaluate(engine, tokenizer, p.task, n_problems=p.eval_problems, difficulty=p.difficulty,
                           max_tokens=p.eval_max_tokens, seed=seed, prompt_fn=prompt_fn).to_dict()
         (run / f"eval_{stage}.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
@@ -216,7 +217,7 @@ def run_speedrun(out: str | Path, preset: str = "cpu", seed: int = 0, device: st
             f"{result['format_rate']:.1%}, mean length {result['mean_length']:.0f} tokens")
         return result
 
-    common = dict(seed=seed, device=device, price_per_device_hour=price_per_device_hour)
+    common = dict(seed=seed, device=device, price_per_device_hour=price_per_device_hour, compile=compile)
     log("speedrun: stage 1/3: pretrain")
     model_config = run / "model_config.json"
     get_preset("small").replace(vocab_size=p.vocab_size, **p.model).save(model_config)

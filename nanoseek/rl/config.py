@@ -217,7 +217,7 @@ class GRPORunConfig(GRPOConfig):
     micro_batch_size: int = setting(0, "sequences per forward (memory only; 0: all)", min=0)
     bias_update_speed: float = setting(0.0, "MoE router bias update speed during RL (0: the biases stay fixed)",
                                        min=0)
-    compile: bool = setting(False, "torch.compile the policy's training forward")
+    compile: bool = setting(False, "torch.compile the policy's training forward and the rollout engine's decode step")
     fp8: bool = setting(False, "block-wise FP8 GEMMs for sampling and training (V3 report 3.3; pure-torch "
                         "emulation, slower than bf16)")
     fp8_ue8m0: bool = setting(False, "power-of-two FP8 scales (DeepSeek-V3.1 UE8M0)")

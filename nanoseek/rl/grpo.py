@@ -169,7 +169,8 @@ class GRPOTrainer(RunTrainer):
         self.n_usable = tok_vocab if tok_vocab < self.model.config.vocab_size else None
         max_seq = cfg.max_seq_len or min(self.model.config.max_position_embeddings, cfg.max_tokens + 1024)
         n = cfg.prompts_per_step * cfg.group_size
-        self.engine = Engine(self.policy, self.tokenizer, max_slots=min(cfg.max_slots, n), max_seq_len=max_seq)
+        self.engine = Engine(self.policy, self.tokenizer, max_slots=min(cfg.max_slots, n), max_seq_len=max_seq,
+                             compile=cfg.compile)
         self.guard = RLGuard(cfg.guard, run_dir / "incidents.jsonl" if dist.is_main() else None, log=log)
         self.cost = CostMeter(run_dir, STAGE, self.device, n_devices=n_ranks,
                               price_per_device_hour=cfg.price_per_device_hour)
