@@ -28,6 +28,8 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="cache length (default: prompt + max tokens)")
     p.add_argument("--stats", action="store_true", help="print engine statistics to stderr at the end")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step (CUDA graphs on CUDA; the first request waits for the compile)")
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
@@ -53,6 +55,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-body-mb", type=float, default=4.0,
                    help="largest request body accepted, in MiB; larger ones get a 413 (default 4)")
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding (needs MTP weights)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step (CUDA graphs on CUDA; the first request waits for the compile)")
     p.add_argument("--device", default="auto", help="auto, cuda, xpu, npu, mps or cpu (default auto)")
     p.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto",
                    help="weights and cache dtype (default: the checkpoint's)")
@@ -95,7 +99,7 @@ def generate_main(args: argparse.Namespace) -> int:
     if args.speculative and len(model.mtp) == 0:
         raise GenerationError(f"--speculative needs MTP weights; {args.ckpt} has none")
     engine = Engine(model, tokenizer, max_slots=1, max_seq_len=max_seq_len,
-                    speculative="mtp" if args.speculative else None)
+                    speculative="mtp" if args.speculative else None, compile=getattr(args, "compile", False))
     engine.add_request(prompt_ids, params)
     start = time.perf_counter()
     reason = None

@@ -139,7 +139,8 @@ def serve_main(args: argparse.Namespace) -> int:
     if not max_body_mb > 0:
         raise NanoseekError(f"--max-body-mb must be positive, got {max_body_mb}")
     engine = Engine(model, tokenizer, max_slots=args.max_slots, max_seq_len=max_seq_len,
-                    speculative="mtp" if getattr(args, "speculative", False) else None)
+                    speculative="mtp" if getattr(args, "speculative", False) else None,
+                    compile=getattr(args, "compile", False))
     name = getattr(args, "model_name", None) or os.path.basename(os.path.normpath(os.path.abspath(args.ckpt)))
     allowed_hosts = allowed_hosts_for(host, getattr(args, "allowed_host", None) or ())
     app = create_app(engine, tokenizer, name, api_key=api_key, max_queue=args.max_queue,
