@@ -57,15 +57,16 @@ class DecodeStep:
             self._speculative = torch.compile(self._speculative_eager, mode=mode, dynamic=True)
 
     # ------------------------------------------------------------------ the two steps
-    def plain(self, ids: torch.Tensor, start: torch.Tensor, rows: RowParams, u: torch.Tensor):
-        """ids [n, 1] → (tokens [n], logprobs [n]); writes position ``start`` of every row."""
-        return self._run("_plain", ids, start, rows, u)
+    def plain(self, ids: torch.Tensor, start: torch.Tensor, key_len: int, rows: RowParams, u: torch.Tensor):
+        """ids [n, 1] → (tokens [n], logprobs [n]); writes position ``start`` of every row and attends
+        over the first ``key_len`` cache positions."""
+        return self._run("_plain", ids, start, key_len, rows, u)
 
-    def speculative(self, ids: torch.Tensor, start: torch.Tensor, draft_probs: torch.Tensor, rows: RowParams,
-                    u: torch.Tensor):
+    def speculative(self, ids: torch.Tensor, start: torch.Tensor, key_len: int, draft_probs: torch.Tensor,
+                    rows: RowParams, u: torch.Tensor):
         """ids [n, 2] = [pending, draft] → (tokens [n, 2], logprobs [n, 2], accepted [n], next drafts [n],
         their distributions [n, V]); ``u`` [n, 3]: accept, token, draft."""
-        return self._run("_speculative", ids, start, draft_probs, rows, u)
+        return self._run("_speculative", ids, start, key_len, draft_probs, rows, u)
 
     def _run(self, name: str, *args):
         fn = getattr(self, name)
@@ -80,13 +81,13 @@ class DecodeStep:
             self._plain, self._speculative = self._plain_eager, self._speculative_eager
             return getattr(self, name)(*args)
 
-    def _plain_eager(self, ids, start, rows, u):
-        out = self.model(ids, cache=self.cache.fixed_step(start))
+    def _plain_eager(self, ids, start, key_len, rows, u):
+        out = self.model(ids, cache=self.cache.fixed_step(start, key_len))
         tokens, logprobs, _ = sample_rows(mask_unusable(out.logits[:, -1].float(), self.n_usable), rows, u)
         return tokens, logprobs
 
-    def _speculative_eager(self, ids, start, draft_probs, rows, u):
-        step = self.cache.fixed_step(start)
+    def _speculative_eager(self, ids, start, key_len, draft_probs, rows, u):
+        step = self.cache.fixed_step(start, key_len)
         out = self.model(ids, cache=step, return_hidden=True)
         logits = mask_unusable(out.logits.float(), self.n_usable)
         tokens, logprobs, accepted = verify_rows(logits, ids[:, 1], draft_probs, rows, u[:, 0], u[:, 1])

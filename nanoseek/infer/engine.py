@@ -57,6 +57,9 @@ from ..model.cache import SlotLatentCache
 from .decode_step import DecodeStep, mask_unusable
 from .sampling import GenerationError, RowParams, SamplingParams, draw_uniforms, sample_tokens
 
+#: the decode step's key length is the longest row's end rounded up to a multiple of this
+KEY_LEN_STEP = 64
+
 
 @dataclass
 class Completion:
@@ -151,8 +154,8 @@ class Engine:
     ``model`` is a :class:`~nanoseek.model.DeepSeekV3`; ``device`` / ``dtype`` default to the
     model's (given ones move / cast the model in place, router biases stay float32).
     ``max_seq_len`` (prompt + generated tokens; default ``config.max_position_embeddings``) sizes the
-    cache: ``max_slots × max_seq_len × bytes_per_token``. ``eos_token_ids`` default to the
-    tokenizer's EOS and the config's ``eos_token_id``. ``speculative="mtp"`` drafts with MTP module 0.
+    cache: ``max_slots × (max_seq_len rounded up to 64, + 64) × bytes_per_token``. ``eos_token_ids``
+    default to the tokenizer's EOS and the config's ``eos_token_id``. ``speculative="mtp"`` drafts with MTP module 0.
     ``compile`` runs the decode step through ``torch.compile`` (see the module docstring).
     """
 
@@ -188,7 +191,10 @@ class Engine:
         self.max_seq_len = int(max_seq_len or cfg.max_position_embeddings)
         self.prefill_chunk = prefill_chunk
         n_layers = cfg.num_hidden_layers + (1 if speculative else 0)
-        self.cache = SlotLatentCache(cfg, max_slots, self.max_seq_len, self.device, self.dtype, n_layers)
+        # room for the longest key length the decode step asks for, and one step more: a compiled graph
+        # then never sees a key length equal to the cache's (a separate specialisation)
+        cache_len = -(-self.max_seq_len // KEY_LEN_STEP) * KEY_LEN_STEP + KEY_LEN_STEP
+        self.cache = SlotLatentCache(cfg, max_slots, cache_len, self.device, self.dtype, n_layers)
         if eos_token_ids is None:
             eos: set[int] = set()
             if tokenizer is not None and getattr(tokenizer, "eos_id", None) is not None:
@@ -379,9 +385,11 @@ class Engine:
         return events
 
     def _step_inputs(self, active: list[_Request], width: int, uniforms: int):
-        """ids [n, width] (the pending token first), start positions [n] and uniforms [n, uniforms]
-        for the first n slots, n = the highest running slot + 1 and at least 2 (a compiled graph
-        specialises on a batch of 1; one more row costs little); rows of idle slots are padding."""
+        """ids [n, width] (the pending token first), start positions [n], the key length and uniforms
+        [n, uniforms] for the first n slots, n = the highest running slot + 1 and at least 2 (a
+        compiled graph specialises on a batch of 1; one more row costs little); rows of idle slots are
+        padding. The key length is the longest row's end rounded up to a multiple of
+        ``KEY_LEN_STEP`` (few distinct lengths for a compiled graph), at most the cache's."""
         n = min(max(active[-1].slot + 1, 2), self.cache.n_slots)
         ids = [[0] * width for _ in range(n)]
         start = [0] * n
@@ -391,18 +399,19 @@ class Engine:
             start[r.slot] = self.cache.lengths[r.slot]
             if start[r.slot] + width > self.cache.max_len:
                 raise GenerationError(f"latent cache full: request {r.id} at {start[r.slot]} tokens + {width} "
-                                      f"> max_seq_len {self.cache.max_len}")
+                                      f"> {self.cache.max_len}")
         sampled = [r for r in active if not r.params.greedy]
         if sampled:
             u[[r.slot for r in sampled]] = torch.stack([draw_uniforms([r.params] * uniforms, [r.generator] * uniforms)
                                                         for r in sampled])
         device = self.device
-        return (torch.tensor(ids, dtype=torch.long, device=device), torch.tensor(start, device=device),
+        key_len = min(-(-(max(start) + width) // KEY_LEN_STEP) * KEY_LEN_STEP, self.cache.max_len)
+        return (torch.tensor(ids, dtype=torch.long, device=device), torch.tensor(start, device=device), key_len,
                 self._rows.rows(n), u.to(device))
 
     def _decode(self, active: list[_Request]) -> list[TokenEvent]:
-        ids, start, rows, u = self._step_inputs(active, 1, 1)
-        toks, lps = self.decode_step.plain(ids, start, rows, u[:, 0])
+        ids, start, key_len, rows, u = self._step_inputs(active, 1, 1)
+        toks, lps = self.decode_step.plain(ids, start, key_len, rows, u[:, 0])
         toks, lps = toks.tolist(), lps.tolist()
         self._count_decode(len(active), len(active))
         events = []
@@ -413,10 +422,10 @@ class Engine:
         return events
 
     def _decode_speculative(self, active: list[_Request]) -> list[TokenEvent]:
-        ids, start, rows, u = self._step_inputs(active, 2, 3)
+        ids, start, key_len, rows, u = self._step_inputs(active, 2, 3)
         n = ids.shape[0]
         tokens, lps, accepted, drafts, draft_probs = self.decode_step.speculative(
-            ids, start, self._draft_probs[:n], rows, u)
+            ids, start, key_len, self._draft_probs[:n], rows, u)
         self._draft_probs[:n] = draft_probs
         tokens, lps, accepted, drafts = tokens.tolist(), lps.tolist(), accepted.tolist(), drafts.tolist()
         n_acc = sum(accepted[r.slot] for r in active)

@@ -30,8 +30,9 @@ entries past a slot's length are never visible and are overwritten later.
 
 :meth:`SlotLatentCache.fixed_step` is the same protocol with fixed shapes, for a decode step that
 ``torch.compile`` captures once: rows are the first ``n`` slots, each row's start position is a
-device tensor, the keys are always all ``max_len`` positions (the mask hides those past a row's
-query), and the slot lengths stay with the caller, who commits them after the step.
+device tensor, the keys are the first ``key_len`` positions (the caller rounds the longest row up,
+so a compiled graph sees few distinct lengths; the mask hides positions past each row's query), and
+the slot lengths stay with the caller, who commits them after the step.
 """
 
 from __future__ import annotations
@@ -130,9 +131,10 @@ class SlotLatentCache:
             raise ValueError(f"slot ids repeat in one batch: {slot_ids}")
         return SlotCacheView(self, slot_ids)
 
-    def fixed_step(self, start: torch.Tensor) -> FixedSlotStep:
-        """One step over slots ``0 .. n-1`` whose tokens start at ``start`` [n] (see the module docstring)."""
-        return FixedSlotStep(self, start)
+    def fixed_step(self, start: torch.Tensor, key_len: int | None = None) -> FixedSlotStep:
+        """One step over slots ``0 .. n-1`` whose tokens start at ``start`` [n], attending over the first
+        ``key_len`` positions (default all; see the module docstring)."""
+        return FixedSlotStep(self, start, self.max_len if key_len is None else key_len)
 
 
 class SlotCacheView:
@@ -202,13 +204,13 @@ class FixedSlotStep:
 
     Rows past the caller's live requests are padding: they write at their ``start`` (give 0) into
     free slots, whose entries nobody reads before a prompt overwrites them. Rows must keep
-    ``start + T <= max_len``; the caller checks lengths before the step (a compiled graph cannot raise).
+    ``start + T <= key_len <= max_len``; the caller checks before the step (a compiled graph cannot raise).
     """
 
-    def __init__(self, cache: SlotLatentCache, start: torch.Tensor):
+    def __init__(self, cache: SlotLatentCache, start: torch.Tensor, key_len: int):
         self.cache = cache
         self.start = start
-        self.n = start.shape[0]
+        self.key_len = key_len
 
     def positions(self, seq: int) -> torch.Tensor:
         return self.start[:, None] + torch.arange(seq, device=self.start.device)
@@ -221,8 +223,8 @@ class FixedSlotStep:
         c_layer, k_layer = self.cache.c_kv[layer_idx], self.cache.k_pe[layer_idx]
         c_layer.index_put_((rows, pos), c_kv.to(c_layer.dtype))
         k_layer.index_put_((rows, pos), k_pe.to(k_layer.dtype))
-        keys = torch.arange(self.cache.max_len, device=pos.device)
-        return c_layer[:n], k_layer[:n], keys[None, None, :] <= pos[:, :, None]
+        keys = torch.arange(self.key_len, device=pos.device)
+        return c_layer[:n, :self.key_len], k_layer[:n, :self.key_len], keys[None, None, :] <= pos[:, :, None]
 
     def advance(self) -> None:
         """Nothing: the caller owns the lengths of a fixed step (it knows which tokens it keeps)."""
