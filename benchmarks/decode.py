@@ -63,15 +63,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default=None, help="a trained checkpoint directory (with its tokenizer)")
-    p.add_argument("--task", default=None, help="with --ckpt: the task whose prompts to decode, NAME or NAME:DIFFICULTY")
+    p.add_argument("--task", default=None,
+                   help="with --ckpt: the task whose prompts to decode, NAME or NAME:DIFFICULTY")
     p.add_argument("--preset", default="bench", choices=sorted(DEFAULTS), help="without --ckpt: random weights")
     p.add_argument("--prompt-len", type=int, default=None, help="P (default: bench 128, small 64, tiny 16)")
-    p.add_argument("--new-tokens", type=int, default=None, help="N (default: --ckpt 110, bench 128, small 32, tiny 8)")
-    p.add_argument("--batch-sizes", default=None, help="comma list (default: --ckpt 1,16, bench 1,32, small 1,8, tiny 1,4)")
+    p.add_argument("--new-tokens", type=int, default=None,
+                   help="N (default: --ckpt 110, bench 128, small 32, tiny 8)")
+    p.add_argument("--batch-sizes", default=None,
+                   help="comma list (default: --ckpt 1,16, bench 1,32, small 1,8, tiny 1,4)")
     p.add_argument("--impls", default=None, help=f"comma list of {', '.join(IMPLS)} (default: all that apply)")
     p.add_argument("--steps", type=int, default=3, help="timed generate() calls per batch size (median)")
     p.add_argument("--warmup", type=int, default=1, help="untimed generate() calls first")
-    p.add_argument("--speculative", action="store_true", help="(kept for old command lines: MTP rows are on by default)")
     p.add_argument("--mtp", action="store_true", help="give presets without MTP one module (for the MTP rows)")
     p.add_argument("--hf-cache", default="static", choices=["static", "dynamic"])
     p.add_argument("--hf-no-compile", action="store_true", help="stop generate() from compiling the static-cache step")

@@ -484,8 +484,10 @@ def test_compiled_decode_step_gives_the_eager_tokens(small_model):
     if not _compiler_works():
         pytest.skip("torch.compile cannot build CPU graphs here (no C++ compiler)")
     prompts = prompts_of(3, 10, 6, 4, seed=9)
-    params = [SamplingParams(temperature=0, max_tokens=12), SamplingParams(temperature=0.9, top_k=40, max_tokens=12, seed=5),
-              SamplingParams(temperature=1.1, top_p=0.9, max_tokens=9, seed=6), SamplingParams(temperature=0, max_tokens=10)]
+    params = [SamplingParams(temperature=0, max_tokens=12),
+              SamplingParams(temperature=0.9, top_k=40, max_tokens=12, seed=5),
+              SamplingParams(temperature=1.1, top_p=0.9, max_tokens=9, seed=6),
+              SamplingParams(temperature=0, max_tokens=10)]
     schedule = {0: [(prompts[0], params[0], "0"), (prompts[1], params[1], "1")],
                 2: [(prompts[2], params[2], "2"), (prompts[3], params[3], "3")]}
     for speculative in (None, "mtp"):

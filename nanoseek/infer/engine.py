@@ -155,8 +155,8 @@ class Engine:
     model's (given ones move / cast the model in place, router biases stay float32).
     ``max_seq_len`` (prompt + generated tokens; default ``config.max_position_embeddings``) sizes the
     cache: ``max_slots × (max_seq_len rounded up to 64, + 64) × bytes_per_token``. ``eos_token_ids``
-    default to the tokenizer's EOS and the config's ``eos_token_id``. ``speculative="mtp"`` drafts with MTP module 0.
-    ``compile`` runs the decode step through ``torch.compile`` (see the module docstring).
+    default to the tokenizer's EOS and the config's ``eos_token_id``. ``speculative="mtp"`` drafts with
+    MTP module 0. ``compile`` runs the decode step through ``torch.compile`` (see the module docstring).
     """
 
     def __init__(self, model, tokenizer=None, max_slots: int = 16, max_seq_len: int | None = None,
@@ -352,8 +352,8 @@ class Engine:
             done = [j for j, r in enumerate(live) if len(r.prompt_ids) <= end]
             last = [len(live[j].prompt_ids) - 1 - start for j in done]
             if done:
-                toks, lps = sample_tokens(mask_unusable(out.logits[done, last], self._n_usable), [live[j].params for j in done],
-                                          [live[j].generator for j in done])
+                toks, lps = sample_tokens(mask_unusable(out.logits[done, last], self._n_usable),
+                                          [live[j].params for j in done], [live[j].generator for j in done])
                 for j, t, lp in zip(done, toks.tolist(), lps.tolist()):
                     first[live[j].id] = (t, lp)
             if spec:
