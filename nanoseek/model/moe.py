@@ -159,12 +159,14 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, H] → ([N, H], tokens per expert [E]). No token loop: one permutation in and one out,
-        or, for at most ``E`` token-expert pairs (decoding), :meth:`gathered`."""
+        or, under ``torch.compile`` with at most ``E`` token-expert pairs (a compiled decode step),
+        :meth:`gathered` (eagerly its weight copies cost more than the grouped GEMM)."""
         n_experts = self.gate_up_proj.shape[0]
         flat_ids = routing.expert_ids.reshape(-1)
         counts = torch.zeros(n_experts, dtype=torch.long, device=x.device).scatter_add_(
             0, flat_ids, torch.ones_like(flat_ids))  # bincount's output size is data to a compiler
-        if self.gathers_small_batches and self.impl == "auto" and flat_ids.shape[0] <= n_experts:
+        small = flat_ids.shape[0] <= n_experts
+        if self.gathers_small_batches and self.impl == "auto" and small and torch.compiler.is_compiling():
             return self.gathered(x, routing), counts
         top_k = routing.expert_ids.shape[1]
         order = flat_ids.argsort(stable=True)
