@@ -2,7 +2,7 @@
 
 Reads ``train.json`` (train_throughput.py), ``decode.json`` (decode.py) and the ``*.status.json``
 files that ``gpu_check.sh`` writes, whichever exist; prints what each part measured as ratios next
-to its target (shared/DESIGN.md on GPUs; the CPU targets of issue 15 on a CPU).
+to its target (on GPUs the anchors of benchmarks/RESULTS.md, "Targets"; on a CPU those of issue 15).
 
     python benchmarks/summary.py OUT_DIR
 """
