@@ -135,13 +135,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", type=Path, help="the run directory (holds metrics.jsonl)")
     p.set_defaults(handler=cmd_report)
 
-    from .train.cli import add_distill_arguments, add_pretrain_arguments, add_sft_arguments
+    from .train.cli import add_distill_arguments, add_extend_arguments, add_pretrain_arguments, add_sft_arguments
 
     p = sub.add_parser("pretrain", help="pre-train a model from scratch (tokenizer, shards, guarded training loop)",
                        description="Pre-train a DeepSeek-V3-architecture model on text files. Unset options "
                                    "take the TrainConfig defaults (or, with --resume, the run's own values).")
     add_pretrain_arguments(p)
     p.set_defaults(handler=_lazy_handler("train.cli", "pretrain_main"))
+    p = sub.add_parser("extend", help="context extension with YaRN (V3 report 4.3): longer sequences from a checkpoint",
+                       description="Write V3's YaRN rope_scaling into a checkpoint's config (new context = "
+                                   "original x --factor) and train it briefly at --seq-len; repeat from its "
+                                   "output for a second phase. Unset options take the ExtendConfig defaults.")
+    add_extend_arguments(p)
+    p.set_defaults(handler=_lazy_handler("train.cli", "extend_main"))
     from .infer.cli import add_chat_arguments, add_generate_arguments, add_serve_arguments
     from .tasks.cli import add_eval_arguments
 

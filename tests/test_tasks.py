@@ -36,8 +36,9 @@ from nanoseek.tasks import (
     safe_eval,
     try_eval,
 )
+from nanoseek.tasks.passkey import CHARS_PER_LEVEL, PasskeyTask, difficulty_for_tokens
 
-GENERATED = ["arithmetic", "countdown", "linear"]
+GENERATED = ["arithmetic", "countdown", "linear", "passkey"]
 
 
 def wrap(answer: str, think: str = "reasoning") -> str:
@@ -270,9 +271,10 @@ HOSTILE_ANSWERS = [
 ]
 
 
-@pytest.mark.parametrize("task_name", ["arithmetic", "countdown", "linear", "gsm8k"])
+@pytest.mark.parametrize("task_name", ["arithmetic", "countdown", "linear", "gsm8k", "passkey"])
 def test_hostile_answers_get_zero_reward_fast(task_name):
-    fields = {"arithmetic": {"task": "arithmetic", "answer": 82},
+    fields = {"passkey": {"task": "passkey", "key": "82"},
+              "arithmetic": {"task": "arithmetic", "answer": 82},
               "countdown": {"task": "countdown", "numbers": [25, 50, 7], "target": 82},
               "linear": {"task": "linear", "x": 82},
               "gsm8k": {"task": "gsm8k", "answer": "82"}}[task_name]
@@ -343,6 +345,30 @@ def test_difficulty_knobs():
     assert max(len(p.fields["expression"]) for p in hard) > max(len(p.fields["expression"]) for p in easy)
     assert any("=" in p.fields["equation"] and p.fields["equation"].count("x") == 2
                for p in get_task("linear").generate(0, 20, 3))
+
+
+def test_passkey_length_depth_and_verdicts():
+    task = get_task("passkey")
+    lengths = {d: [p.fields["haystack_chars"] for p in task.generate(0, 10, d)] for d in (1, 4, 16)}
+    for d, chars in lengths.items():  # CHARS_PER_LEVEL characters per level, plus the needle
+        assert all(CHARS_PER_LEVEL * d <= c <= CHARS_PER_LEVEL * d + 120 for c in chars), (d, chars)
+    for depth in (0.0, 0.5, 1.0):
+        for p in PasskeyTask(depth=depth).generate(1, 5, 8):
+            before, _, _ = p.prompt.partition(f"The pass key is {p.answer}.")
+            assert abs(len(before) / p.fields["haystack_chars"] - depth) < 0.05, (depth, len(before))
+            assert p.prompt.count(p.answer) == 2 and p.prompt.endswith("What is the pass key?")
+    depths = [p.fields["depth"] for p in task.generate(0, 200, 2)]
+    assert min(depths) < 0.1 and max(depths) > 0.9  # drawn across the haystack by default
+    fields = task.generate(0, 1, 1)[0].fields
+    assert task.check(fields["key"], fields) is Verdict.CORRECT
+    assert task.check(str(int(fields["key"]) + 1), fields) is Verdict.WRONG
+    assert task.check("the key", fields) is Verdict.MALFORMED
+    with pytest.raises(ValueError, match="depth"):
+        PasskeyTask(depth=1.5)
+    # difficulty_for_tokens: the largest level that fits, counted here in characters
+    level = difficulty_for_tokens(2000, len)
+    assert max(len(p.prompt) for p in task.generate(0, 8, level)) <= 2000
+    assert max(len(p.prompt) for p in task.generate(0, 8, level + 1)) > 2000
 
 
 def test_generate_rejects_bad_arguments():
@@ -528,12 +554,13 @@ def test_a_flat_long_sum_parses_and_deep_nesting_is_refused_for_its_depth():
     assert timed(safe_eval, long_sum, max_chars=10**6, max_nodes=10**6) == 900
 
 
-BUILTIN_TASKS = ("arithmetic", "countdown", "linear", "gsm8k")
+BUILTIN_TASKS = ("arithmetic", "countdown", "linear", "gsm8k", "passkey")
 #: per built-in task: (fields of a problem, a correct answer written with ASCII digits)
 VALID = {"arithmetic": ({"task": "arithmetic", "answer": 1209}, "1209"),
          "countdown": ({"task": "countdown", "numbers": [25, 3, 7, 50], "target": 82}, "(50 - 25) * 3 + 7"),
          "linear": ({"task": "linear", "x": -37}, "x = -37"),
-         "gsm8k": ({"task": "gsm8k", "answer": "1209"}, "1,209")}
+         "gsm8k": ({"task": "gsm8k", "answer": "1209"}, "1,209"),
+         "passkey": ({"task": "passkey", "key": "12093"}, "12093")}
 #: zero of each digit set Python's \d / int() / Fraction() accept besides ASCII
 UNICODE_ZEROS = {"arabic-indic": 0x0660, "extended arabic-indic": 0x06F0, "devanagari": 0x0966,
                  "full-width": 0xFF10, "mathematical bold": 0x1D7CE}

@@ -34,6 +34,7 @@ from .base import (
 from .countdown import CountdownTask, check_countdown
 from .gsm8k import GSM8KTask, load_gsm8k, parse_number
 from .linear import LinearTask, parse_linear_answer
+from .passkey import PasskeyTask, difficulty_for_tokens
 from .registry import TASKS, get_task, list_tasks, register_task
 from .rewards import (
     REWARDS,
@@ -54,7 +55,7 @@ __all__ = [
     "Problem", "RegistryError", "Task", "TaskDataError", "Verdict",
     "SYSTEM_PROMPT", "answer_only", "answer_only_mix", "chat_messages", "format_completion", "format_ok",
     "format_prompt", "parse_answer",
-    "ArithmeticTask", "CountdownTask", "LinearTask", "GSM8KTask",
+    "ArithmeticTask", "CountdownTask", "LinearTask", "GSM8KTask", "PasskeyTask", "difficulty_for_tokens",
     "check_countdown", "load_gsm8k", "parse_number", "parse_linear_answer",
     "TASKS", "get_task", "list_tasks", "register_task",
     "REWARDS", "Reward", "accuracy_reward", "combined_reward", "countdown_reward",

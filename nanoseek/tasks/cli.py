@@ -13,7 +13,7 @@ from ..errors import ConfigError
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of ``nanoseek eval``."""
     p.add_argument("--task", required=True, metavar="TASK[:DIFFICULTY]",
-                   help="arithmetic, countdown, linear, gsm8k or a registered task, optionally with its difficulty")
+                   help="arithmetic, countdown, linear, gsm8k, passkey or a registered task, optionally with its difficulty")
     p.add_argument("--ckpt", required=True, help="checkpoint directory (model + tokenizer)")
     p.add_argument("--n", type=int, default=200, help="held-out problems (default 200)")
     p.add_argument("--difficulty", type=int, default=None,

@@ -7,6 +7,7 @@ from .base import RegistryError, Task
 from .countdown import CountdownTask
 from .gsm8k import GSM8KTask
 from .linear import LinearTask
+from .passkey import PasskeyTask
 
 __all__ = ["TASKS", "register_task", "get_task", "list_tasks"]
 
@@ -42,6 +43,6 @@ def list_tasks() -> list[str]:
     return sorted(TASKS)
 
 
-for _task in (ArithmeticTask(), CountdownTask(), LinearTask(), GSM8KTask()):
+for _task in (ArithmeticTask(), CountdownTask(), LinearTask(), GSM8KTask(), PasskeyTask()):
     register_task(_task)
 del _task

@@ -1,4 +1,4 @@
-"""The flags of ``nanoseek pretrain``, ``nanoseek sft`` and ``nanoseek distill`` and their handlers.
+"""The flags of ``nanoseek pretrain``, ``extend``, ``sft`` and ``distill`` and their handlers.
 
 Every training setting's flag is derived from its declaration (:class:`~nanoseek.train.config.TrainConfig`,
 :class:`~nanoseek.train.config.SFTConfig`, :class:`~nanoseek.train.config.GuardConfig`) by
@@ -12,7 +12,7 @@ import argparse
 
 from ..errors import NanoseekError
 from ..settings import add_arguments, given
-from .config import DistillConfig, GuardConfig, SFTConfig, TrainConfig
+from .config import DistillConfig, ExtendConfig, GuardConfig, SFTConfig, TrainConfig
 
 MODEL_FIELDS = ("preset", "config", "init_from")
 DATA_FLAGS = ("data", "tokenizer", "vocab_size", "text_field")
@@ -48,6 +48,25 @@ def pretrain_main(args: argparse.Namespace) -> int:
     from .pretrain import pretrain
 
     pretrain(args.out, overrides_from(args, TrainConfig), resume=args.resume)
+    return 0
+
+
+def add_extend_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of ``nanoseek extend``."""
+    p.add_argument("--init-from", help="the pretrained (or once-extended) checkpoint; required unless --resume")
+    add_arguments(p, ExtendConfig, only=("data", "tokenizer", "text_field"))
+    _add_run_arguments(p, ExtendConfig, exclude=MODEL_FIELDS + DATA_FLAGS)
+
+
+def extend_main(args: argparse.Namespace) -> int:
+    """``nanoseek extend``."""
+    from .extend import extend
+
+    overrides = overrides_from(args, ExtendConfig)
+    if args.init_from is not None:
+        overrides["init_from"] = args.init_from
+    result = extend(args.out, overrides, resume=args.resume)
+    print(f"final model: {result.get('final')}")
     return 0
 
 

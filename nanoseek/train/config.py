@@ -164,6 +164,25 @@ class SFTConfig(TrainConfig):
 
 
 @dataclass
+class ExtendConfig(TrainConfig):
+    """A context-extension run (:mod:`nanoseek.train.extend`): pretraining's settings with extension
+    defaults, plus the YaRN factor and the original context."""
+
+    factor: float | None = setting(None, "YaRN scale s: the new context is original × factor (V3: 40)", min=1,
+                                   min_inclusive=False)
+    original_max_position_embeddings: int | None = setting(
+        None, "the context the model was pretrained at (default: the checkpoint's YaRN original, else its "
+        "max_position_embeddings)", min=1, flag="--original-context")
+    max_steps: int = setting(200, "optimizer steps", min=1, resumable=True)
+    lr: float = setting(3e-4, "peak learning rate (V3 extends at its final pretraining rate)", min=0,
+                        min_inclusive=False)
+    warmup_steps: int = setting(10, "linear warmup steps", min=0)
+    seq_len: int = setting(1024, "tokens per sequence: the longer context to train at", min=1)
+    checkpoint_every: int = setting(100, "steps between checkpoints", min=1, resumable=True)
+    eval_every: int = setting(100, "steps between validation losses", min=1, resumable=True)
+
+
+@dataclass
 class DistillConfig(SFTConfig):
     """A distillation run (R1 §2.4): rejection-sample the teacher on a task's training problems,
     keep the verified, well-formed, distinct completions, and SFT the student on them."""

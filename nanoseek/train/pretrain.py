@@ -134,6 +134,9 @@ def resolve_config(run_dir: Path, overrides: dict[str, Any], resume: bool, log: 
             raise ConfigError(f"give only one of --preset, --config and --init-from (got {', '.join(sources)})")
         if not sources:
             fields["preset"] = "small"
+        init_from = fields.get("init_from")
+        if init_from is not None and fields.get("tokenizer") is None and (Path(init_from) / "tokenizer.json").is_file():
+            fields["tokenizer"] = init_from  # the checkpoint's own ids, not a new tokenizer trained on --data
         if not fields.get("data"):
             raise NanoseekError("--data is required: text files, directories or globs (txt/jsonl/parquet), "
                                 "or a shard directory with a manifest.json")
@@ -322,12 +325,7 @@ class Trainer(RunTrainer):
 
         # model (float32 master weights; built on the CPU so the init does not depend on the device)
         if state is None:
-            model_cfg = build_model_config(cfg, self.tokenizer, log)
-            if cfg.init_from is not None:
-                model = nanoseek.load(cfg.init_from, device="cpu", dtype=torch.float32)
-            else:
-                torch.manual_seed(cfg.seed)
-                model = DeepSeekV3(model_cfg)
+            model = self.initial_model(build_model_config(cfg, self.tokenizer, log))
         else:
             model = load_model(self.ckpt, "cpu", verify=False)  # verified by pick_checkpoint
         try:
@@ -362,6 +360,13 @@ class Trainer(RunTrainer):
         log(f"device: {self.device} ({device_name(self.device)}), autocast {self.amp or 'off (float32)'}; "
             f"model {n_params / 1e6:.2f}M parameters (+MTP {model.num_parameters(True) - n_params:,}); "
             f"{self.tokens_per_step} tokens/step; {self.flops_per_token / 1e6:.1f} MFLOP/token")
+
+    def initial_model(self, model_cfg) -> DeepSeekV3:
+        """The model a fresh run starts from: ``init_from``'s weights, or a seeded init of ``model_cfg``."""
+        if self.cfg.init_from is not None:
+            return nanoseek.load(self.cfg.init_from, device="cpu", dtype=torch.float32)
+        torch.manual_seed(self.cfg.seed)
+        return DeepSeekV3(model_cfg)
 
     # ------------------------------------------------------------------ data hooks (overridden per stage)
     def prepare_data(self, fresh: bool, default_vocab: int):
