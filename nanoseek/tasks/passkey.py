@@ -23,7 +23,7 @@ from .base import Problem, Task, Verdict, is_ascii_digits
 __all__ = ["PasskeyTask", "CHARS_PER_LEVEL", "difficulty_for_tokens"]
 
 #: Haystack characters per difficulty level.
-CHARS_PER_LEVEL = 256
+CHARS_PER_LEVEL = 64
 
 _SUBJECTS = ("The grass", "The sky", "The sun", "The sea", "The river", "The road", "The hill", "The wind",
              "The field", "The stone", "The cloud", "The forest")
@@ -51,7 +51,7 @@ class PasskeyTask(Task):
 
     name = "passkey"
     description = "repeat a 5-digit pass key hidden at some depth of filler text (long-context retrieval)"
-    max_difficulty = 256  # ~64K characters
+    max_difficulty = 1024  # ~64K characters
 
     def __init__(self, depth: float | None = None):
         if depth is not None and not 0.0 <= depth <= 1.0:
