@@ -33,7 +33,7 @@ METRIC_KEYS = ("loss", "lm_loss", "mtp_loss", "aux_loss", "val_loss", "lr", "gra
 LOSS_KEYS = ("loss", "lm_loss", "mtp_loss", "val_loss")      # best = lowest
 SCORE_KEYS = ("reward", "accuracy", "format_rate")           # best = highest
 RL_KEYS = ("reward", "accuracy", "format_rate", "kl", "entropy", "response_length")
-STAGE_ORDER = ("pretrain", "context_extension", "sft", "cold_start", "grpo", "rl", "distill", "eval")
+STAGE_ORDER = ("pretrain", "extend", "sft", "cold_start", "grpo", "rl", "distill", "eval")
 
 # DeepSeek-V3 technical report (arXiv 2412.19437), Table 1: H800 GPU-hours at $2 per GPU-hour.
 V3_COSTS = (("Pre-training", 2664e3, 5.328e6), ("Context extension", 119e3, 0.238e6),

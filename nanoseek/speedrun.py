@@ -1,12 +1,14 @@
 """``nanoseek speedrun``: the R1 story end to end on synthetic verifiable tasks.
 
-    corpus → tokenizer → pretrain → eval → cold-start SFT → eval → GRPO → eval → report card
+    corpus → tokenizer → pretrain → eval → [context extension → eval] → cold-start SFT → eval → GRPO → eval
+    → report card
 
 Run directory::
 
     corpus.jsonl            generated problems with solver-written worked solutions (pretraining text);
                             a share of them state only the answer, a habit RL can find does not pay
     pretrain/ sft/ grpo/    each stage's own run directory (checkpoints, metrics, cost, report)
+    extend/                 with ``extend=True``: YaRN context extension (V3 report §4.3) after pretraining
     final/                  the last stage's model + tokenizer: what `nanoseek serve/chat --ckpt` take
     metrics.jsonl, incidents.jsonl, cost.json   all stages merged
     eval_<stage>.json       held-out results after each stage
@@ -36,6 +38,7 @@ from .report import write_report
 from .rl.grpo import grpo
 from .tasks import answer_only_mix, format_completion, get_task
 from .tasks.evaluate import evaluate
+from .train.extend import extend as extend_context
 from .train.pretrain import pretrain
 from .train.sft import sft
 
@@ -55,6 +58,8 @@ class SpeedrunPreset:
     pretrain: dict[str, Any]  # TrainConfig fields
     sft: dict[str, Any]
     grpo: dict[str, Any]
+    #: ExtendConfig fields of the optional context-extension stage (factor, seq_len, steps, ...)
+    extend: dict[str, Any] = dataclasses.field(default_factory=dict)
     eval_problems: int = 200
     eval_max_tokens: int = 160
     #: share of corpus documents and cold-start examples that state the answer without the working
@@ -77,6 +82,8 @@ PRESETS: dict[str, SpeedrunPreset] = {
                  checkpoint_every=30, eval_every=30, log_every=10),
         grpo=dict(steps=50, prompts_per_step=8, group_size=8, max_tokens=110, temperature=1.0, lr=1e-4,
                   train_layers=1, beta=0.0, checkpoint_every=10, eval_every=0),
+        extend=dict(factor=4, seq_len=1024, max_steps=40, batch_size=4, lr=3e-4, warmup_steps=4,
+                    checkpoint_every=40, eval_every=40, log_every=10),
         eval_problems=500, answer_only_fraction=0.6,
         description="~3M-parameter DeepSeek-V3 (MLA, 8 routed + 1 shared experts, MTP) on 2-digit arithmetic; "
                     "about 14 minutes on 2 CPU cores"),
@@ -90,6 +97,8 @@ PRESETS: dict[str, SpeedrunPreset] = {
                  checkpoint_every=4, eval_every=4, log_every=2),
         grpo=dict(steps=2, prompts_per_step=2, group_size=4, max_tokens=24, temperature=1.0, lr=1e-4,
                   train_layers=1, beta=0.0, checkpoint_every=2, eval_every=0),
+        extend=dict(factor=2, seq_len=256, max_steps=2, batch_size=1, warmup_steps=1, checkpoint_every=2,
+                    eval_every=2, log_every=1),
         eval_problems=8, eval_max_tokens=24, answer_only_fraction=0.6,
         description="a seconds-long smoke run of every stage (CI)"),
     "gpu-small": SpeedrunPreset(
@@ -101,6 +110,8 @@ PRESETS: dict[str, SpeedrunPreset] = {
                  checkpoint_every=300, eval_every=100, log_every=10),
         grpo=dict(steps=200, prompts_per_step=64, group_size=8, max_tokens=256, temperature=1.0, lr=1e-4,
                   beta=0.0, checkpoint_every=50, eval_every=50),
+        extend=dict(factor=4, seq_len=2048, max_steps=200, batch_size=16, lr=2e-4, warmup_steps=10,
+                    checkpoint_every=200, eval_every=100),
         eval_problems=500, eval_max_tokens=256, answer_only_fraction=0.6,
         description="the 16M-parameter `small` model on 3-digit arithmetic, for one GPU"),
 }
@@ -171,10 +182,11 @@ class _Clock:
 
 def run_speedrun(out: str | Path, preset: str = "cpu", seed: int = 0, device: str = "auto",
                  price_per_device_hour: float = 2.0, log: Callable[[str], None] = print,
-                 answer_only_fraction: float | None = None, compile: bool = False) -> dict:
+                 answer_only_fraction: float | None = None, compile: bool = False, extend: bool = False) -> dict:
     """Run every stage into ``out``; returns the summary (also written to ``out/summary.json``).
     ``answer_only_fraction`` replaces the preset's :attr:`SpeedrunPreset.answer_only_fraction`;
-    ``compile`` runs every training step and every decode step through ``torch.compile``."""
+    ``compile`` runs every training step and every decode step through ``torch.compile``; ``extend``
+    adds the context-extension stage (:attr:`SpeedrunPreset.extend`) between pretraining and SFT."""
 
     if preset not in PRESETS:
         raise NanoseekError(f"unknown speedrun preset {preset!r} (choose from {', '.join(PRESETS)})")
@@ -218,24 +230,33 @@ def run_speedrun(out: str | Path, preset: str = "cpu", seed: int = 0, device: st
         return result
 
     common = dict(seed=seed, device=device, price_per_device_hour=price_per_device_hour, compile=compile)
-    log("speedrun: stage 1/3: pretrain")
+    n_stages = 4 if extend else 3
+    log(f"speedrun: stage 1/{n_stages}: pretrain")
     model_config = run / "model_config.json"
     get_preset("small").replace(vocab_size=p.vocab_size, **p.model).save(model_config)
     timed_stage("pretrain", pretrain, run / "pretrain",
                 dict(config=str(model_config), data=[str(corpus)], vocab_size=p.vocab_size, **p.pretrain, **common),
                 log=log)
     results = {"pretrain": held_out("pretrain", run / "pretrain" / "final", base_prompt)}
+    base = run / "pretrain" / "final"
+    if extend:
+        log(f"speedrun: stage 2/{n_stages}: context extension (YaRN ×{p.extend['factor']:g})")
+        timed_stage("extend", extend_context, run / "extend",
+                    dict(init_from=str(base), data=[str(corpus)], original_max_position_embeddings=p.pretrain["seq_len"],
+                         **p.extend, **common), log=log)
+        base = run / "extend" / "final"
+        results["extend"] = held_out("extend", base, base_prompt)
 
-    log("speedrun: stage 2/3: cold-start SFT")
+    log(f"speedrun: stage {n_stages - 1}/{n_stages}: cold-start SFT")
     sft_cfg = dict(p.sft)
     cold_n = sft_cfg.pop("cold_start_n")
-    timed_stage("sft", sft, run / "sft", dict(init_from=str(run / "pretrain" / "final"),
+    timed_stage("sft", sft, run / "sft", dict(init_from=str(base),
                                               cold_start=[f"{p.task}:{p.difficulty}"], cold_start_n=cold_n,
                                               cold_start_answer_only=p.answer_only_fraction,
                                               **sft_cfg, **common), log=log)
     results["sft"] = held_out("sft", run / "sft" / "final")
 
-    log("speedrun: stage 3/3: GRPO")
+    log(f"speedrun: stage {n_stages}/{n_stages}: GRPO")
     timed_stage("grpo", grpo, run / "grpo", init_from=str(run / "sft" / "final"), task=f"{p.task}:{p.difficulty}",
                 **p.grpo, **common, log=log)
     results["grpo"] = held_out("grpo", run / "grpo" / "final")
@@ -245,7 +266,7 @@ def run_speedrun(out: str | Path, preset: str = "cpu", seed: int = 0, device: st
         shutil.rmtree(final)
     shutil.copytree(run / "grpo" / "final", final)
 
-    stage_dirs = [run / s for s in ("pretrain", "sft", "grpo")]
+    stage_dirs = [run / s for s in ("pretrain", "extend", "sft", "grpo") if s in results]
     _merge_jsonl([d / "metrics.jsonl" for d in stage_dirs], run / "metrics.jsonl")
     _merge_jsonl([d / "incidents.jsonl" for d in stage_dirs], run / "incidents.jsonl")
     costs = _merge_costs(stage_dirs, {"eval": clock.as_stage(), "setup": setup.as_stage()}, run / "cost.json")

@@ -75,3 +75,23 @@ def test_answer_only_override_is_checked_before_any_work(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--answer-only" in err and "1.5" in err and not (tmp_path / "run").exists()
 
+
+
+def test_extend_adds_the_context_extension_stage(tmp_path):
+    """``--extend``: YaRN extension between pretraining and SFT, scored and costed as its own stage,
+    and the SFT starts from the extended model."""
+    run = tmp_path / "run"
+    res = subprocess.run([sys.executable, "-m", "nanoseek", "speedrun", "--preset", "tiny", "--out", str(run),
+                          "--device", "cpu", "--extend"], capture_output=True, text=True, timeout=900,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "stage 2/4: context extension" in res.stdout
+    summary = json.loads((run / "summary.json").read_text())
+    assert list(summary["stages"]) == ["pretrain", "extend", "sft", "grpo"]
+    assert summary["stages"]["extend"]["device_hours"] > 0
+    cost = json.loads((run / "cost.json").read_text())
+    assert cost["stages"]["extend"]["tokens"] == 2 * 256  # 2 steps of one 256-token sequence
+    for stage in ("extend", "sft", "grpo"):  # the longer context carries through to the final model
+        config = json.loads((run / stage / "final" / "config.json").read_text())
+        assert config["rope_scaling"]["factor"] == 2 and config["max_position_embeddings"] == 2 * 128
+    assert "| extend |" in (run / "report.md").read_text()

@@ -290,6 +290,8 @@ class StepMetrics:
     grad_norm: float
     load_max_over_mean: float | None = None  # busiest expert / mean load, worst MoE layer
     dead_experts: int | None = None          # routed experts that got no token, all layers
+    #: per MoE layer, max load / mean load − 1 over the step's batch: MaxVio_batch (V3 report §4.5.3)
+    max_violation: list[float] | None = None
 
 
 class Trainer(RunTrainer):
@@ -455,12 +457,13 @@ class Trainer(RunTrainer):
         extra = [grad_norm.reshape(1).float().to(self.device)]
         if load is not None:
             lf = load.float()
-            ratio = (lf.max(dim=1).values / lf.mean(dim=1).clamp_min(1e-9)).max()
-            extra += [ratio.reshape(1), (load == 0).sum().reshape(1).float()]
+            per_layer = lf.max(dim=1).values / lf.mean(dim=1).clamp_min(1e-9)
+            extra += [per_layer.max().reshape(1), (load == 0).sum().reshape(1).float(), per_layer]
         values = dist.all_reduce_mean(torch.cat([sums] + extra)).tolist()  # the one host sync of the step
         metrics = StepMetrics(*values[:5])
         if load is not None:
             metrics.load_max_over_mean, metrics.dead_experts = values[5], int(values[6])
+            metrics.max_violation = [v - 1.0 for v in values[7:]]
         return metrics, load
 
     def _apply(self, step_index: int, load: torch.Tensor | None) -> tuple[float, float]:
@@ -556,6 +559,7 @@ class Trainer(RunTrainer):
         if m.dead_experts is not None:
             rec["expert_load_max_over_mean"] = finite(m.load_max_over_mean)
             rec["dead_experts"] = m.dead_experts
+            rec["max_vio"] = [finite(v) for v in m.max_violation]
         rec.update({"peak_mem_bytes": peak_memory_bytes(self.device),
                     "mtp_weight": mtp_weight_at(step - 1, self.cfg), "bias_speed": gamma, "elapsed": self.elapsed()})
         if val is not None:
