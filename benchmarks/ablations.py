@@ -14,8 +14,9 @@ study varies and in the seed (model init and data order). Studies:
   validation loss, held-out accuracy after the same cold-start SFT, and the acceptance rate the MTP
   module gives speculative decoding (V3 §5.4.3) on the SFT model.
 - ``balancing`` (Table 5, Figure 9): auxiliary-loss-free bias (``v3``: γ 0.001 plus V3's tiny
-  sequence-wise loss α 1e-4) vs a conventional sequence-wise auxiliary loss (``aux-loss``: γ 0,
-  α 0.01) vs ``no-balancing``; validation loss, MaxVio (max load / mean load − 1 per MoE layer and
+  sequence-wise loss α 1e-4; ``v3-fast-bias``: γ 0.01, since a run of 10² steps moves each bias at
+  most γ per step) vs a conventional sequence-wise auxiliary loss (``aux-loss``: γ 0, α 0.01) vs
+  ``no-balancing``; validation loss, MaxVio (max load / mean load − 1 per MoE layer and
   batch, §4.5.3) over training, dead experts on held-out text, and expert load by problem kind
   (addition, subtraction, multiplication, countdown) with a specialisation score: the mean total
   variation distance between a kind's expert distribution and the all-kinds one.
@@ -60,12 +61,13 @@ DENSE_INTERMEDIATE = 416  # 4 dense FFNs of 416 = 1 of 512 + 3 × (1 shared + 2 
 VARIANTS = {
     "v3": ({}, {}),
     "no-mtp": ({"num_nextn_predict_layers": 0}, {}),
+    "v3-fast-bias": ({}, {"bias_update_speed": 0.01}),  # γ ×10: V3's 0.001 was set for ~10^5 steps, not 10^2
     "aux-loss": ({}, {"bias_update_speed": 0.0, "aux_loss_alpha": 0.01}),
     "no-balancing": ({}, {"bias_update_speed": 0.0, "aux_loss_alpha": 0.0}),
     "dense": ({"n_routed_experts": 0, "intermediate_size": DENSE_INTERMEDIATE}, {}),
     "dense-time": ({"n_routed_experts": 0, "intermediate_size": DENSE_INTERMEDIATE}, {}),  # steps set at run time
 }
-STUDIES = {"mtp": ["v3", "no-mtp"], "balancing": ["v3", "aux-loss", "no-balancing"],
+STUDIES = {"mtp": ["v3", "no-mtp"], "balancing": ["v3", "v3-fast-bias", "aux-loss", "no-balancing"],
            "moe-dense": ["v3", "dense", "dense-time"]}
 DOWNSTREAM = {"mtp", "moe-dense"}  # studies whose variants go on to SFT + held-out accuracy
 KINDS = {"addition": "+", "subtraction": "-", "multiplication": "*"}

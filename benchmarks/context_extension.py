@@ -1,15 +1,15 @@
 """Context extension at laptop scale: passkey retrieval at 1×, 2× and 4× the pretraining length,
 before and after ``nanoseek extend`` (YaRN, V3 report §4.3).
 
-    python benchmarks/context_extension.py --out runs/ctx            # the cpu model, ~15 min on 2 cores
+    python benchmarks/context_extension.py --out runs/ctx            # the cpu model, ~20 min on 2 cores
     python benchmarks/context_extension.py --out /tmp/ctx --smoke    # every step in seconds (CI)
 
 What it runs (one seed):
 1. a tokenizer on the pretraining text, then the cpu speedrun's model shape pretrained at
    ``--context`` tokens on the speedrun's arithmetic corpus mixed with passkey documents that fit that
    window (``--passkey-share`` of the documents), so retrieval is a skill the model has at 1×;
-2. passkey retrieval (exact match, greedy, the base model's document format) with prompts of at most
-   1×, 2× and 4× ``--context`` tokens — for the pretrained model, for the same weights with only the YaRN
+2. passkey retrieval (exact match, greedy, the base model's document format) with prompt + answer
+   within 1×, 2× and 4× ``--context`` tokens — for the pretrained model, for the same weights with only the YaRN
    config written (no training), and, after step 3, for the extended model;
 3. ``extend`` ×``--factor`` at ``factor × context`` tokens per sequence for ``--extend-steps`` steps on
    the same mix with passkey documents up to the new length; with ``--control``, the same training
@@ -69,7 +69,7 @@ def retrieval(ckpt: Path, lengths: list[int], n: int, seed: int, log) -> list[di
     rows = []
     for length in lengths:
         count = lambda text: len(tokenizer.encode(text))  # noqa: E731
-        level = difficulty_for_tokens(length, count, base_prompt)
+        level = difficulty_for_tokens(length - ANSWER_TOKENS, count, base_prompt)  # prompt + answer fit
         res = evaluate(engine, tokenizer, PasskeyTask(), n_problems=n, difficulty=level, max_tokens=ANSWER_TOKENS,
                        seed=seed, prompt_fn=base_prompt)
         tokens = [count(base_prompt(p)) for p in eval_problems(PasskeyTask(), n, level, seed)]
@@ -103,8 +103,8 @@ def settings(smoke: bool) -> dict:
         return dict(model=model, vocab=320, context=64, arithmetic=300, passkey=100, pretrain_steps=4,
                     batch=4, extend_steps=2, extend_batch=1, eval_n=4, arith_n=4)
     model = dict(PRESETS["cpu"].model, max_position_embeddings=256)
-    return dict(model=model, vocab=512, context=256, arithmetic=30000, passkey=8000, pretrain_steps=400,
-                batch=16, extend_steps=100, extend_batch=4, eval_n=100, arith_n=200)
+    return dict(model=model, vocab=512, context=256, arithmetic=20000, passkey=20000, pretrain_steps=500,
+                batch=16, extend_steps=60, extend_batch=4, eval_n=100, arith_n=200)
 
 
 def run(args) -> dict:

@@ -131,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "evaluations (off by default: on 2 CPU cores compiling costs more than it saves; see README)")
     p.add_argument("--extend", action="store_true",
                    help="add YaRN context extension after pretraining (V3 report 4.3; cpu: 256 -> 1024 tokens, "
-                        "40 steps, about 2 more minutes; off by default to keep the cpu preset within its budget)")
+                        "40 steps, about 3 more minutes with its evaluation; off by default: the cpu preset has "
+                        "no room for it within 15 minutes)")
     p.set_defaults(handler=cmd_speedrun)
 
     p = sub.add_parser("report", help="cost and quality report card (report.md + plots) of a run directory")
