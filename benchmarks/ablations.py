@@ -275,12 +275,12 @@ def plots(out: Path, results: dict) -> None:
         for ax, (variant, recs) in zip(axes[0], bal.items()):
             loads = recs[0]["load_by_kind"]
             kinds = list(loads)
-            layer = len(loads[kinds[0]]) - 1  # the last MoE layer, as V3 Figure 9 shows layers separately
+            layer = len(loads[kinds[0]]) - 1  # the last MoE layer of the main model (V3 Figure 9 shows each)
             rel = torch.tensor([loads[k][layer] for k in kinds])
             rel = rel / rel.sum(dim=1, keepdim=True) * rel.shape[1]  # 1 = the uniform share
             im = ax.imshow(rel, cmap="viridis", vmin=0, vmax=max(2.0, float(rel.max())))
             ax.set_yticks(range(len(kinds)), kinds, fontsize=7)
-            ax.set_xlabel(f"expert (layer {layer}, seed {0})")
+            ax.set_xlabel("expert (last MoE layer, first seed)")
             ax.set_title(variant, fontsize=9)
         fig.colorbar(im, ax=axes[0].tolist(), label="load / uniform share")
         fig.savefig(out / "specialisation.png", dpi=120)

@@ -56,12 +56,12 @@ def test_balancing_records_maxvio_and_load_by_kind(ablations):
     out, res, _ = ablations
     bal = res["studies"]["balancing"]
     for variant, (rec,) in bal.items():
-        layers = len(rec["max_vio_curve"][0][1])
-        assert layers == 1 and rec["max_vio"] >= 0  # the tiny preset: 2 layers, the first dense
-        kinds = rec["load_by_kind"]
+        # the tiny preset: 2 layers, the first dense; the MTP block's router is trained (and balanced) too
+        assert len(rec["max_vio_curve"][0][1]) == 2 and rec["max_vio"] >= 0
+        kinds = rec["load_by_kind"]  # the main model's routers only
         assert set(kinds) == {"addition", "subtraction", "countdown"}  # difficulty 1: no multiplication
-        assert all(len(v) == layers and len(v[0]) == 8 for v in kinds.values())
-        assert 0 <= rec["specialisation"] <= 1 and 0 <= rec["dead_experts"] <= 8 * layers
+        assert all(len(v) == 1 and len(v[0]) == 8 for v in kinds.values())
+        assert 0 <= rec["specialisation"] <= 1 and 0 <= rec["dead_experts"] <= 8
     config = json.loads((out / "runs" / "aux-loss" / "seed0" / "pretrain" / "train_config.json").read_text())
     assert config["bias_update_speed"] == 0 and config["aux_loss_alpha"] == 0.01
 
@@ -69,12 +69,8 @@ def test_balancing_records_maxvio_and_load_by_kind(ablations):
 def test_dense_matches_active_parameters_and_wall_clock(ablations):
     out, res, _ = ablations
     runs = out / "runs"
-    moe = describe(ModelConfig.from_json(runs / "v3" / "seed0" / "model_config.json"))
     dense_cfg = ModelConfig.from_json(runs / "dense" / "seed0" / "model_config.json")
-    dense = describe(dense_cfg)
-    assert dense_cfg.n_routed_experts == 0
-    # the tiny preset's shapes differ from the cpu shape DENSE_INTERMEDIATE is set for: same order only
-    assert 0.5 < dense["active_params"] / moe["active_params"] < 2
+    assert dense_cfg.n_routed_experts == 0  # (its width is set for the cpu shape: the test below)
     rows = res["studies"]["moe-dense"]
     step_time = rows["dense"][0]["wall_seconds"] / rows["dense"][0]["steps"]
     assert rows["dense-time"][0]["steps"] == max(1, round(rows["v3"][0]["wall_seconds"] / step_time))
