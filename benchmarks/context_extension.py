@@ -13,7 +13,9 @@ What it runs (one seed):
    config written (no training), and, after step 3, for the extended model;
 3. ``extend`` ×``--factor`` at ``factor × context`` tokens per sequence for ``--extend-steps`` steps on
    the same mix with passkey documents up to the new length; with ``--control``, the same training
-   without YaRN (plain RoPE positions past the original context) as a control.
+   without YaRN (plain RoPE positions past the original context) as a control;
+4. for every model, the mean next-token loss on held-out text of 4× ``--context`` tokens per position
+   band (the long-context perplexity test, which needs no retrieval skill).
 Writes ``results.json``, ``table.md`` and ``passkey.png`` into ``--out`` and prints the table.
 """
 
@@ -38,7 +40,7 @@ from nanoseek.hf import load_with_tokenizer  # noqa: E402
 from nanoseek.infer.engine import Engine  # noqa: E402
 from nanoseek.speedrun import PRESETS, base_prompt, corpus_text  # noqa: E402
 from nanoseek.tasks import get_task  # noqa: E402
-from nanoseek.tasks.evaluate import evaluate, eval_problems  # noqa: E402
+from nanoseek.tasks.evaluate import EVAL_SEED_BASE, evaluate, eval_problems  # noqa: E402
 from nanoseek.tasks.passkey import PasskeyTask, difficulty_for_tokens  # noqa: E402
 from nanoseek.train.extend import extend, yarn_extended  # noqa: E402
 from nanoseek.train.pretrain import pretrain  # noqa: E402
@@ -80,6 +82,34 @@ def retrieval(ckpt: Path, lengths: list[int], n: int, seed: int, log) -> list[di
     return rows
 
 
+def held_out_stream(tokenizer, n_tokens: int, seed: int) -> torch.Tensor:
+    """``n_tokens`` of held-out text (eval-seed arithmetic and passkey documents, the training format)."""
+    arithmetic = get_task("arithmetic").generate(EVAL_SEED_BASE + seed, 2000, 2)
+    passkey = PasskeyTask().generate(EVAL_SEED_BASE + seed, 400, 8)
+    docs = [corpus_text(p) for p in arithmetic + passkey]
+    random.Random(seed).shuffle(docs)
+    ids = []
+    for doc in docs:
+        ids += tokenizer.encode(doc, add_eos=True)  # as the shards separate documents
+        if len(ids) >= n_tokens:
+            break
+    return torch.tensor(ids[:n_tokens])
+
+
+@torch.no_grad()
+def loss_by_position(ckpt: Path, lengths: list[int], sequences: int, seed: int) -> list[float]:
+    """Mean next-token loss of sequences of ``lengths[-1]`` held-out tokens, per position band
+    ``[0, lengths[0])``, ``[lengths[0], lengths[1])``, ...: the long-context perplexity test (YaRN
+    paper §4.3.1) that needs no retrieval skill, only whether positions past the old context work."""
+    model, tokenizer = load_with_tokenizer(str(ckpt), "cpu")
+    span = lengths[-1]
+    x = held_out_stream(tokenizer, sequences * (span + 1), seed).view(sequences, span + 1)
+    logits = model(x[:, :-1]).logits.float()
+    loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none").mean(dim=0)
+    bands = [0, *lengths]
+    return [loss[a:b].mean().item() for a, b in zip(bands, bands[1:])]
+
+
 def arithmetic_accuracy(ckpt: Path, n: int, seed: int) -> float:
     """Short-context skill kept? Held-out 2-digit arithmetic, greedy, base-model format."""
     model, tokenizer = load_with_tokenizer(str(ckpt), "cpu")
@@ -101,10 +131,10 @@ def settings(smoke: bool) -> dict:
     if smoke:
         model = dict(PRESETS["tiny"].model, max_position_embeddings=64)
         return dict(model=model, vocab=320, context=64, arithmetic=300, passkey=100, pretrain_steps=4,
-                    batch=4, extend_steps=2, extend_batch=1, eval_n=4, arith_n=4)
+                    batch=4, extend_steps=2, extend_batch=1, eval_n=4, arith_n=4, loss_sequences=2)
     model = dict(PRESETS["cpu"].model, max_position_embeddings=256)
     return dict(model=model, vocab=512, context=256, arithmetic=20000, passkey=20000, pretrain_steps=500,
-                batch=16, extend_steps=60, extend_batch=4, eval_n=100, arith_n=200)
+                batch=16, extend_steps=60, extend_batch=4, eval_n=100, arith_n=200, loss_sequences=16)
 
 
 def run(args) -> dict:
@@ -156,7 +186,8 @@ def run(args) -> dict:
     for name, ckpt in models.items():
         log(f"evaluating {name}")
         rows[name] = {"passkey": retrieval(ckpt, lengths, s["eval_n"], seed, log),
-                      "arithmetic": arithmetic_accuracy(ckpt, s["arith_n"], seed)}
+                      "arithmetic": arithmetic_accuracy(ckpt, s["arith_n"], seed),
+                      "loss_by_position": loss_by_position(ckpt, lengths, s["loss_sequences"], seed)}
     costs = {stage: json.loads((out / stage / "cost.json").read_text())["stages"]
              for stage in ("pretrain", "extend", "control") if (out / stage / "cost.json").is_file()}
     result = {**header(torch.device("cpu")), "settings": s, "factor": factor, "lengths": lengths, "rows": rows,
@@ -174,10 +205,14 @@ def markdown(result: dict) -> str:
     some_row = next(iter(result["rows"].values()))["passkey"]
     head = " | ".join(f"≤ {r['length']} tok ({r['length'] // lengths[0]}×; mean {r['mean_prompt_tokens']:.0f})"
                       for r in some_row)
-    lines = [f"| model | passkey {head} | 2-digit arithmetic |", "|---|" + "---|" * (len(lengths) + 1)]
+    bands = [0, *lengths]
+    loss_head = " | ".join(f"loss @ [{a}, {b})" for a, b in zip(bands, bands[1:]))
+    lines = [f"| model | passkey {head} | 2-digit arithmetic | {loss_head} |",
+             "|---|" + "---|" * (2 * len(lengths) + 1)]
     for name, row in result["rows"].items():
         cells = " | ".join(f"{r['accuracy']:.1%}" for r in row["passkey"])
-        lines.append(f"| {name} | {cells} | {row['arithmetic']:.1%} |")
+        losses = " | ".join(f"{v:.3f}" for v in row["loss_by_position"])
+        lines.append(f"| {name} | {cells} | {row['arithmetic']:.1%} | {losses} |")
     return "\n".join(lines)
 
 

@@ -110,3 +110,5 @@ def test_context_extension_smoke(tmp_path):
         cfg = json.loads((tmp_path / name / "config.json").read_text())
         assert cfg["rope_scaling"]["original_max_position_embeddings"] == 64 and cfg["max_position_embeddings"] == 256
     assert "extend" in res["cost"] and "| extended ×4 (YaRN) |" in proc.stdout
+    for row in res["rows"].values():  # one mean loss per position band, all finite
+        assert len(row["loss_by_position"]) == 3 and all(0 < v < 20 for v in row["loss_by_position"])
