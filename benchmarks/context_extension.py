@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from benchmarks.common import header  # noqa: E402
-from nanoseek.config import get_preset  # noqa: E402
+from nanoseek.config import ModelConfig, get_preset  # noqa: E402
 from nanoseek.data.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
 from nanoseek.hf import load_with_tokenizer  # noqa: E402
 from nanoseek.infer.engine import Engine  # noqa: E402
@@ -121,8 +121,6 @@ def arithmetic_accuracy(ckpt: Path, n: int, seed: int) -> float:
 def yarn_only(ckpt: Path, out: Path, factor: int) -> Path:
     """``ckpt`` with the YaRN config written and no training (what extension changes before it trains)."""
     shutil.copytree(ckpt, out, dirs_exist_ok=True)
-    from nanoseek.config import ModelConfig
-
     yarn_extended(ModelConfig.from_json(ckpt), factor).save(out / "config.json")
     return out
 
