@@ -353,9 +353,11 @@ def test_passkey_length_depth_and_verdicts():
     for d, chars in lengths.items():  # CHARS_PER_LEVEL characters per level, plus the needle
         assert all(CHARS_PER_LEVEL * d <= c <= CHARS_PER_LEVEL * d + 120 for c in chars), (d, chars)
     for depth in (0.0, 0.5, 1.0):
-        for p in PasskeyTask(depth=depth).generate(1, 5, 8):
-            before, _, _ = p.prompt.partition(f"The pass key is {p.answer}.")
-            assert abs(len(before) / p.fields["haystack_chars"] - depth) < 0.05, (depth, len(before))
+        for p in PasskeyTask(depth=depth).generate(1, 5, 16):
+            haystack = p.prompt.partition("\n")[0]
+            needle = f"The pass key is {p.answer}. Remember it. {p.answer} is the pass key."
+            filler = len(haystack) - len(needle) - 1  # the filler alone (one joining space less)
+            assert abs(haystack.index(needle) / filler - depth) < 0.05, (depth, haystack.index(needle), filler)
             assert p.prompt.count(p.answer) == 2 and p.prompt.endswith("What is the pass key?")
     depths = [p.fields["depth"] for p in task.generate(0, 200, 2)]
     assert min(depths) < 0.1 and max(depths) > 0.9  # drawn across the haystack by default
