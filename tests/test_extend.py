@@ -104,7 +104,7 @@ def test_extended_logits_equal_transformers_past_the_original_context(extended):
         assert (unscaled.eval()(x).logits - a).abs().max().item() > 1e-3
 
 
-def test_extend_cli_errors(pretrained, tmp_path):
+def test_extend_cli_errors(pretrained, extended, tmp_path):
     corpus = str(pretrained.parent.parent / "corpus.txt")
     res = run_cli("extend", "--data", corpus, "--factor", "4", "--out", str(tmp_path / "a"))
     assert res.returncode != 0 and "--init-from" in res.stderr
@@ -113,5 +113,10 @@ def test_extend_cli_errors(pretrained, tmp_path):
     res = run_cli("extend", "--init-from", str(pretrained), "--data", corpus, "--factor", "2", "--seq-len",
                   str(4 * ORIGINAL), "--out", str(tmp_path / "c"), "--device", "cpu")
     assert res.returncode != 0 and "exceeds the extended context" in res.stderr
+    # a second phase that contradicts the first one's original context fails before any data work
+    with pytest.raises(ConfigError, match="contradicts"):
+        extend(tmp_path / "e", dict(init_from=str(pretrained.parent.parent / "extend" / "final"), factor=4,
+                                    original_max_position_embeddings=2 * ORIGINAL, data=[corpus]))
+    assert not (tmp_path / "e").exists()
     with pytest.raises(NanoseekError, match="--preset does not apply"):
         extend(tmp_path / "d", dict(init_from=str(pretrained), preset="tiny", factor=2, data=[corpus]))

@@ -92,4 +92,7 @@ def extend(out: str | os.PathLike, overrides: dict[str, Any], resume: bool = Fal
         for key in ("preset", "config"):
             if overrides.get(key) is not None:
                 raise NanoseekError(f"extend starts from --init-from; --{key} does not apply")
+        # the YaRN settings' errors before any data work (the trainer applies them again)
+        yarn_extended(ModelConfig.from_json(overrides["init_from"]), overrides["factor"],
+                      overrides.get("original_max_position_embeddings"))
     return run_stage(run_dir, overrides, resume, log, ExtendTrainer, ExtendConfig)
