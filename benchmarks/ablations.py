@@ -6,8 +6,8 @@
 
 Every run pretrains the cpu speedrun's model shape (``nanoseek.speedrun.PRESETS["cpu"]``) on the
 speedrun's 2-digit arithmetic corpus, all-worked (no answer-only documents), for ``--steps`` steps
-(default 150, a stated variant of the speedrun's 650: three seeds of six variants must fit an hour
-on 2 cores). One tokenizer and one set of shards serve every run, so runs differ only in what the
+(default 120, a stated variant of the speedrun's 650: three seeds of seven variants must fit about
+an hour on 2 cores). One tokenizer and one set of shards serve every run, so runs differ only in what the
 study varies and in the seed (model init and data order). Studies:
 
 - ``mtp`` (V3 report Table 4): ``v3`` (one MTP module, λ 0.3 → 0.1) vs ``no-mtp``; main-head
@@ -76,7 +76,7 @@ KINDS = {"addition": "+", "subtraction": "-", "multiplication": "*"}
 def settings(smoke: bool, steps: int | None) -> dict:
     cpu = PRESETS["tiny" if smoke else "cpu"]
     s = dict(model=dict(cpu.model), vocab=cpu.vocab_size, corpus=cpu.corpus_problems, difficulty=cpu.difficulty,
-             pretrain=dict(cpu.pretrain, max_steps=steps or (3 if smoke else 150)),
+             pretrain=dict(cpu.pretrain, max_steps=steps or (3 if smoke else 120)),
              sft=dict(cpu.sft), eval_n=8 if smoke else 200, eval_max_tokens=cpu.eval_max_tokens,
              kind_problems=16 if smoke else 200)
     s["pretrain"].update(checkpoint_every=s["pretrain"]["max_steps"], eval_every=s["pretrain"]["max_steps"],
@@ -314,7 +314,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="directory for the runs and results (reused runs are skipped)")
     p.add_argument("--study", default="all", choices=["all", *STUDIES])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=None, help="pretraining steps per run (default 150; smoke 3)")
+    p.add_argument("--steps", type=int, default=None, help="pretraining steps per run (default 120; smoke 3)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--smoke", action="store_true", help="the tiny preset and a few steps (seconds per run)")
     return p.parse_args(argv)
