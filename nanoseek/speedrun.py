@@ -182,9 +182,12 @@ class _Clock:
 
 def run_speedrun(out: str | Path, preset: str = "cpu", seed: int = 0, device: str = "auto",
                  price_per_device_hour: float = 2.0, log: Callable[[str], None] = print,
-                 answer_only_fraction: float | None = None, compile: bool = False, extend: bool = False) -> dict:
+                 answer_only_fraction: float | None = None, compile: bool = False, extend: bool = False,
+                 mtp: bool | None = None) -> dict:
     """Run every stage into ``out``; returns the summary (also written to ``out/summary.json``).
     ``answer_only_fraction`` replaces the preset's :attr:`SpeedrunPreset.answer_only_fraction`;
+    ``mtp`` gives the model one multi-token-prediction module (True) or none (False) whatever the
+    preset says;
     ``compile`` runs every training step and every decode step through ``torch.compile``; ``extend``
     adds the context-extension stage (:attr:`SpeedrunPreset.extend`) between pretraining and SFT."""
 
@@ -195,6 +198,8 @@ def run_speedrun(out: str | Path, preset: str = "cpu", seed: int = 0, device: st
         if not 0.0 <= answer_only_fraction <= 1.0:
             raise NanoseekError(f"--answer-only must lie in [0, 1], got {answer_only_fraction}")
         p = dataclasses.replace(p, answer_only_fraction=answer_only_fraction)
+    if mtp is not None:
+        p = dataclasses.replace(p, model=dict(p.model, num_nextn_predict_layers=int(mtp)))
     run = Path(out).expanduser().resolve()
     if (run / SUMMARY_FILE).exists():
         raise NanoseekError(f"{run} already holds a finished speedrun ({SUMMARY_FILE}); choose another --out")

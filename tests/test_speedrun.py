@@ -79,10 +79,11 @@ def test_answer_only_override_is_checked_before_any_work(tmp_path, capsys):
 
 def test_extend_adds_the_context_extension_stage(tmp_path):
     """``--extend``: YaRN extension between pretraining and SFT, scored and costed as its own stage,
-    and the SFT starts from the extended model."""
+    and the SFT starts from the extended model. (``--no-mtp`` rides along: the tiny preset has an MTP
+    module, and the flag removes it from every stage's model.)"""
     run = tmp_path / "run"
     res = subprocess.run([sys.executable, "-m", "nanoseek", "speedrun", "--preset", "tiny", "--out", str(run),
-                          "--device", "cpu", "--extend"], capture_output=True, text=True, timeout=900,
+                          "--device", "cpu", "--extend", "--no-mtp"], capture_output=True, text=True, timeout=900,
                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "stage 2/4: context extension" in res.stdout
@@ -94,4 +95,6 @@ def test_extend_adds_the_context_extension_stage(tmp_path):
     for stage in ("extend", "sft", "grpo"):  # the longer context carries through to the final model
         config = json.loads((run / stage / "final" / "config.json").read_text())
         assert config["rope_scaling"]["factor"] == 2 and config["max_position_embeddings"] == 2 * 128
+        assert config["num_nextn_predict_layers"] == 0
+    assert len(nanoseek.load(run / "final").mtp) == 0
     assert "| extend |" in (run / "report.md").read_text()
