@@ -6,17 +6,21 @@
 Run directory::
 
     corpus.jsonl            generated problems with solver-written worked solutions (pretraining text);
-                            a share of them state only the answer, a habit RL can find does not pay
+                            with ``answer_only_fraction`` > 0 a share of them state only the answer,
+                            a habit RL can find does not pay (R1-Zero's story)
     pretrain/ sft/ grpo/    each stage's own run directory (checkpoints, metrics, cost, report)
     extend/                 with ``extend=True``: YaRN context extension (V3 report §4.3) after pretraining
-    final/                  the last stage's model + tokenizer: what `nanoseek serve/chat --ckpt` take
+    final/                  the best chat stage's model + tokenizer (SFT or GRPO, by accuracy on the
+                            validation split; the later stage on a tie): what `nanoseek serve/chat` take
     metrics.jsonl, incidents.jsonl, cost.json   all stages merged
     eval_<stage>.json       held-out results after each stage
-    summary.json            per stage: held-out accuracy, format rate, tokens, device-hours, $
+    summary.json            per stage: held-out accuracy, format rate, tokens, device-hours, $; the
+                            validation accuracies and which stage final/ holds
     report.md + *.png       the report card
 
 Every problem the model trains on comes from seeds below :data:`~nanoseek.tasks.evaluate.EVAL_SEED_BASE`;
-every evaluation uses seeds at or above it.
+every evaluation uses seeds at or above it: the reported held-out accuracies the test split's, the
+choice of final/ the validation split's, so the choice never sees the problems it is reported on.
 """
 
 from __future__ import annotations
@@ -61,6 +65,8 @@ class SpeedrunPreset:
     #: ExtendConfig fields of the optional context-extension stage (factor, seq_len, steps, ...)
     extend: dict[str, Any] = dataclasses.field(default_factory=dict)
     eval_problems: int = 200
+    #: problems of the validation split that choose the final model among the chat stages
+    validation_problems: int = 200
     eval_max_tokens: int = 160
     #: share of corpus documents and cold-start examples that state the answer without the working
     #: (:func:`~nanoseek.tasks.base.answer_only`); the choice between the two habits is left to RL
@@ -99,7 +105,7 @@ PRESETS: dict[str, SpeedrunPreset] = {
                   train_layers=1, beta=0.0, checkpoint_every=2, eval_every=0),
         extend=dict(factor=2, seq_len=256, max_steps=2, batch_size=1, warmup_steps=1, checkpoint_every=2,
                     eval_every=2, log_every=1),
-        eval_problems=8, eval_max_tokens=24, answer_only_fraction=0.6,
+        eval_problems=8, validation_problems=8, eval_max_tokens=24, answer_only_fraction=0.6,
         description="a seconds-long smoke run of every stage (CI)"),
     "gpu-small": SpeedrunPreset(
         name="gpu-small", task="arithmetic", difficulty=3, corpus_problems=200000, vocab_size=1024,
@@ -124,6 +130,12 @@ def corpus_text(problem) -> str:
     teaches the role tokens, also teaches the model to read past it."""
 
     return f"{problem.prompt}\n{format_completion(problem)}"
+
+
+def best_stage(validation: dict[str, float]) -> str:
+    """The stage whose model scored best on the validation split; on a tie the later stage (the
+    pipeline's order), so RL that neither helps nor hurts still gives the final model."""
+    return max(reversed(list(validation)), key=validation.__getitem__)
 
 
 def base_prompt(problem) -> str:
@@ -222,18 +234,25 @@ def run_speedrun(out: str | Path, preset: str = "cpu", seed: int = 0, device: st
         f"{p.answer_only_fraction:.0%} answering without the working, the rest with worked solutions")
 
     def held_out(stage: str, ckpt: Path, prompt_fn: Callable | None = None) -> dict:
+        """Test-split accuracy of ``ckpt`` (``eval_<stage>.json``), and for chat models the
+        validation-split accuracy that picks the final model."""
         t0 = time.perf_counter()
         model, tokenizer = load_with_tokenizer(str(ckpt), device)
         engine = Engine(model, tokenizer, max_slots=64, max_seq_len=512 + p.eval_max_tokens, compile=compile)
-        result = evaluate(engine, tokenizer, p.task, n_problems=p.eval_problems, difficulty=p.difficulty,
-                          max_tokens=p.eval_max_tokens, seed=seed, prompt_fn=prompt_fn).to_dict()
+        scored = dict(difficulty=p.difficulty, max_tokens=p.eval_max_tokens, seed=seed, prompt_fn=prompt_fn)
+        result = evaluate(engine, tokenizer, p.task, n_problems=p.eval_problems, **scored).to_dict()
         (run / f"eval_{stage}.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        clock.seconds += time.perf_counter() - t0
         clock.samples += p.eval_problems
         log(f"speedrun: {stage}: held-out accuracy {result['accuracy']:.1%}, format rate "
             f"{result['format_rate']:.1%}, mean length {result['mean_length']:.0f} tokens")
+        if prompt_fn is None:  # a chat model: a candidate for final/
+            validation[stage] = evaluate(engine, tokenizer, p.task, n_problems=p.validation_problems,
+                                         split="validation", **scored).accuracy
+            clock.samples += p.validation_problems
+        clock.seconds += time.perf_counter() - t0
         return result
 
+    validation: dict[str, float] = {}
     common = dict(seed=seed, device=device, price_per_device_hour=price_per_device_hour, compile=compile)
     n_stages = 4 if extend else 3
     log(f"speedrun: stage 1/{n_stages}: pretrain")
@@ -266,10 +285,12 @@ def run_speedrun(out: str | Path, preset: str = "cpu", seed: int = 0, device: st
                 **p.grpo, **common, log=log)
     results["grpo"] = held_out("grpo", run / "grpo" / "final")
 
-    final = run / "final"
+    final, final_stage = run / "final", best_stage(validation)
     if final.exists():
         shutil.rmtree(final)
-    shutil.copytree(run / "grpo" / "final", final)
+    shutil.copytree(run / final_stage / "final", final)
+    log(f"speedrun: final model: the {final_stage} stage's (validation accuracy "
+        + ", ".join(f"{stage} {acc:.1%}" for stage, acc in validation.items()) + ")")
 
     stage_dirs = [run / s for s in ("pretrain", "extend", "sft", "grpo") if s in results]
     _merge_jsonl([d / "metrics.jsonl" for d in stage_dirs], run / "metrics.jsonl")
@@ -288,6 +309,8 @@ def run_speedrun(out: str | Path, preset: str = "cpu", seed: int = 0, device: st
         previous = res["accuracy"]
     summary["total"] = costs["total"]
     summary["final_checkpoint"] = str(final)
+    summary["final_stage"] = final_stage
+    summary["validation_accuracy"] = validation
     (run / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     report = write_report(run)
     log(f"speedrun: done in {summary['wall_seconds'] / 60:.1f} min; report card {report}")

@@ -10,8 +10,8 @@ from nanoseek.cli import main
 from nanoseek.data.tokenizer import padded_vocab_size, train_tokenizer
 from nanoseek.infer.engine import Engine
 from nanoseek.tasks import get_task
-from nanoseek.tasks.evaluate import (EVAL_SEED_BASE, eval_problems, evaluate, majority_answer, pass_at_k,
-                                     score)
+from nanoseek.tasks.evaluate import (EVAL_SEED_BASE, VALIDATION_SEED_BASE, eval_problems, evaluate, majority_answer,
+                                     pass_at_k, score)
 
 
 def test_pass_at_k_known_values():
@@ -57,6 +57,12 @@ def test_eval_problems_are_held_out():
     held_out = eval_problems(task, 5, difficulty=2, seed=3)
     assert [p.prompt for p in held_out] == [p.prompt for p in task.generate(EVAL_SEED_BASE + 3, 5, 2)]
     assert [p.prompt for p in held_out] != [p.prompt for p in task.generate(3, 5, 2)]
+    # the validation split (choosing checkpoints) is a third seed range: neither training's nor the test's
+    validation = eval_problems(task, 5, difficulty=2, seed=3, split="validation")
+    assert [p.prompt for p in validation] == [p.prompt for p in task.generate(VALIDATION_SEED_BASE + 3, 5, 2)]
+    assert VALIDATION_SEED_BASE >= 2 * EVAL_SEED_BASE and [p.prompt for p in validation] != [p.prompt for p in held_out]
+    with pytest.raises(ValueError, match="'train'"):
+        eval_problems(task, 5, split="train")
 
 
 def test_evaluate_through_the_engine_counts_what_it_returns():

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 import nanoseek
+from nanoseek.speedrun import best_stage
 
 
 @pytest.fixture(scope="module")
@@ -63,9 +64,22 @@ def test_final_checkpoint_is_servable_and_the_run_says_how(speedrun_dir):
     run, out = speedrun_dir
     final = run / "final"
     model = nanoseek.load(final)
+    summary = json.loads((run / "summary.json").read_text())
+    chosen = summary["final_stage"]  # the best chat stage on the validation split, not the test split
+    validation = summary["validation_accuracy"]
+    assert set(validation) == {"sft", "grpo"} and chosen == best_stage(validation)
+    assert (final / "model.safetensors").read_bytes() == (run / chosen / "final" / "model.safetensors").read_bytes()
+    assert f"final model: the {chosen} stage's" in out
     assert (final / "tokenizer.json").is_file()
     assert model.config.num_nextn_predict_layers == 1
     assert f"nanoseek chat --ckpt {final}" in out and f"nanoseek serve --ckpt {final}" in out
+
+
+def test_best_stage_takes_the_highest_validation_accuracy_and_the_later_stage_on_a_tie():
+    assert best_stage({"sft": 0.80, "grpo": 0.78}) == "sft"
+    assert best_stage({"sft": 0.80, "grpo": 0.81}) == "grpo"
+    assert best_stage({"sft": 0.80, "grpo": 0.80}) == "grpo"
+    assert best_stage({"extend": 0.5, "sft": 0.5, "grpo": 0.4}) == "sft"
 
 
 def test_answer_only_override_is_checked_before_any_work(tmp_path, capsys):

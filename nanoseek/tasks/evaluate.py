@@ -1,7 +1,9 @@
 """Evaluation on held-out problems: accuracy, pass@k, maj@k, mean length, format rate.
 
 Held-out means a seed range training never touches: training draws problem seeds below
-:data:`EVAL_SEED_BASE`, evaluation draws them from ``EVAL_SEED_BASE + seed``. pass@k uses the
+:data:`EVAL_SEED_BASE`, evaluation draws them from ``EVAL_SEED_BASE + seed`` (the "test" split) or,
+to choose between checkpoints without touching the test problems, from ``VALIDATION_SEED_BASE + seed``
+(the "validation" split). pass@k uses the
 unbiased estimator of Chen et al. (arXiv 2107.03374, eq. 1); maj@k (self-consistency, Wang et al.,
 arXiv 2203.11171) is right when the most frequent parsed answer among the samples verifies.
 """
@@ -19,12 +21,18 @@ from .registry import get_task
 
 #: Problem seeds at or above this are reserved for evaluation; training must stay below it.
 EVAL_SEED_BASE = 1_000_000_000
+#: Validation problems (model selection) start here: above training's seeds and the test split's.
+VALIDATION_SEED_BASE = 2 * EVAL_SEED_BASE
+SPLIT_SEED_BASES = {"test": EVAL_SEED_BASE, "validation": VALIDATION_SEED_BASE}
 
 
-def eval_problems(task: Task | str, n: int, difficulty: int = 1, seed: int = 0) -> list[Problem]:
-    """The held-out problems for ``seed`` (seed range disjoint from training's)."""
+def eval_problems(task: Task | str, n: int, difficulty: int = 1, seed: int = 0, split: str = "test") -> list[Problem]:
+    """The held-out problems of ``split`` ("test" or "validation") for ``seed``; both seed ranges are
+    disjoint from training's and from each other."""
+    if split not in SPLIT_SEED_BASES:
+        raise ValueError(f"unknown evaluation split {split!r} (choose from {', '.join(SPLIT_SEED_BASES)})")
     task = get_task(task) if isinstance(task, str) else task
-    return task.generate(EVAL_SEED_BASE + seed, n, difficulty)
+    return task.generate(SPLIT_SEED_BASES[split] + seed, n, difficulty)
 
 
 def chat_prompt(tokenizer, problem: Problem | str) -> str:
@@ -112,18 +120,18 @@ def score(task: Task, problems: Sequence[Problem], completions: Sequence[Sequenc
 
 def evaluate(engine, tokenizer, task: Task | str, n_problems: int = 200, difficulty: int = 1,
              samples: int = 1, k: int = 1, temperature: float = 0.0, max_tokens: int = 256,
-             seed: int = 0, prompt_fn: Callable[[Problem], str] | None = None) -> EvalResult:
+             seed: int = 0, prompt_fn: Callable[[Problem], str] | None = None, split: str = "test") -> EvalResult:
     """Generate ``samples`` completions per held-out problem with the shared engine and score them.
 
     With ``samples == 1`` and temperature 0 this is greedy accuracy; for pass@k / maj@k use
     ``samples >= k`` and a temperature > 0. ``prompt_fn(problem) -> str`` builds the prompt (default:
     the checkpoint's chat form, :func:`chat_prompt`; a base model is asked in its pretraining format
-    instead).
+    instead). ``split`` picks the problems (:func:`eval_problems`).
     """
     task = get_task(task) if isinstance(task, str) else task
     if samples < k:
         raise ValueError(f"samples ({samples}) must be >= k ({k})")
-    problems = eval_problems(task, n_problems, difficulty, seed)
+    problems = eval_problems(task, n_problems, difficulty, seed, split)
     prompts, params = [], []
     for i, problem in enumerate(problems):
         text = prompt_fn(problem) if prompt_fn is not None else chat_prompt(tokenizer, problem)
