@@ -131,7 +131,7 @@ def settings(smoke: bool) -> dict:
         model = dict(PRESETS["tiny"].model, max_position_embeddings=64)
         return dict(model=model, vocab=320, context=64, arithmetic=300, passkey=100, pretrain_steps=4,
                     batch=4, extend_steps=2, extend_batch=1, eval_n=4, arith_n=4, loss_sequences=2)
-    model = dict(PRESETS["cpu"].model, max_position_embeddings=256)
+    model = dict(PRESETS["cpu"].model, max_position_embeddings=256, num_nextn_predict_layers=1)  # as recorded
     return dict(model=model, vocab=512, context=256, arithmetic=30000, passkey=8000, pretrain_steps=400,
                 batch=16, extend_steps=100, extend_batch=4, eval_n=100, arith_n=200, loss_sequences=16)
 

@@ -118,14 +118,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("speedrun", help="the whole R1 recipe on synthetic verifiable tasks: pretrain, SFT, GRPO, "
                                         "eval, report card")
-    p.add_argument("--preset", default="cpu", help="cpu (default, ~14 min on 2 cores), gpu-small, or tiny (smoke)")
+    p.add_argument("--preset", default="cpu", help="cpu (default, ~13 min on 2 cores), gpu-small, or tiny (smoke)")
     p.add_argument("--out", type=Path, default=None, help="run directory (default runs/speedrun-PRESET-TIME)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cuda, xpu, npu, mps or cpu")
     p.add_argument("--price-per-hour", type=float, default=2.0, help="$ per device-hour for the cost table")
     p.add_argument("--answer-only", type=float, default=None, metavar="FRACTION",
                    help="share of corpus and cold-start problems answered without the working (default: the "
-                        "preset's, 0.6); 0 trains only on worked solutions")
+                        "preset's; cpu: 0, every answer worked); 0.6 is R1-Zero's story, in which GRPO finds out "
+                        "that working pays and the answers grow")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the training steps and the decode steps of GRPO's rollouts and the "
                         "evaluations (off by default: on 2 CPU cores compiling costs more than it saves; see README)")
@@ -136,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mtp", action=argparse.BooleanOptionalAction, default=None,
                    help="give the model V3's multi-token-prediction module (--mtp) or not (--no-mtp); default: "
                         "the preset's (cpu: off, since at this scale it costs 46%% more time per step for no "
-                        "better loss, see README; on, its final model drafts for speculative decoding)")
+                        "better loss, see README; with it the final model drafts for speculative decoding)")
     p.set_defaults(handler=cmd_speedrun)
 
     p = sub.add_parser("report", help="cost and quality report card (report.md + plots) of a run directory")

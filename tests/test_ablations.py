@@ -80,9 +80,9 @@ def test_dense_matches_active_parameters_and_wall_clock(ablations):
 def test_dense_intermediate_gives_the_cpu_shape_its_active_parameters():
     from benchmarks.ablations import DENSE_INTERMEDIATE
     from nanoseek.config import get_preset
-    from nanoseek.speedrun import PRESETS
+    from benchmarks.ablations import settings
 
-    cpu = get_preset("small").replace(vocab_size=512, **PRESETS["cpu"].model)
+    cpu = get_preset("small").replace(vocab_size=512, **settings(False, None)["model"])
     dense = cpu.replace(n_routed_experts=0, intermediate_size=DENSE_INTERMEDIATE)
     ratio = describe(dense)["active_params"] / describe(cpu)["active_params"]
     assert abs(ratio - 1) < 0.01
