@@ -81,17 +81,18 @@ _CPU_MODEL = dict(hidden_size=192, num_hidden_layers=4, intermediate_size=512, m
 
 PRESETS: dict[str, SpeedrunPreset] = {
     "cpu": SpeedrunPreset(
-        # No MTP module and an all-worked corpus: at this scale MTP costs 46% more time per step for no
-        # better loss (benchmarks/RESULTS.md "Ablations"), and the steps it frees take the model from ~50%
-        # to ~80% held-out (docs/2026-11-28-r1-laptop.md). `--mtp` and `--answer-only 0.6` bring back
-        # V3's MTP and R1-Zero's mixed habits.
+        # No MTP module, an all-worked corpus and batches of 8 × 256: at this scale MTP costs 46% more
+        # time per step for no better loss (benchmarks/RESULTS.md "Ablations"), and twice the updates
+        # per token take the same ~3.3M tokens from 57% to 78% held-out on seed 0
+        # (docs/2026-11-28-r1-laptop.md). `--mtp` and `--answer-only 0.6` bring back V3's MTP and
+        # R1-Zero's mixed habits.
         name="cpu", task="arithmetic", difficulty=2, model=dict(_CPU_MODEL, num_nextn_predict_layers=0),
         corpus_problems=40000, vocab_size=512,
-        pretrain=dict(max_steps=750, batch_size=16, seq_len=256, lr=3e-3, warmup_steps=30, checkpoint_every=375,
-                      eval_every=375, log_every=10),
+        pretrain=dict(max_steps=1600, batch_size=8, seq_len=256, lr=3e-3, warmup_steps=60, checkpoint_every=800,
+                      eval_every=800, log_every=20),
         sft=dict(cold_start_n=2000, max_steps=30, batch_size=16, seq_len=256, lr=3e-4, warmup_steps=3,
                  checkpoint_every=30, eval_every=30, log_every=10),
-        grpo=dict(steps=30, prompts_per_step=8, group_size=8, max_tokens=110, temperature=1.0, lr=1e-4,
+        grpo=dict(steps=20, prompts_per_step=8, group_size=8, max_tokens=110, temperature=1.0, lr=1e-4,
                   train_layers=1, beta=0.0, checkpoint_every=10, eval_every=0),
         extend=dict(factor=4, seq_len=1024, max_steps=40, batch_size=4, lr=3e-4, warmup_steps=4,
                     checkpoint_every=40, eval_every=40, log_every=10),
