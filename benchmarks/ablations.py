@@ -7,7 +7,8 @@
 Every run pretrains the cpu speedrun's model shape (``nanoseek.speedrun.PRESETS["cpu"]``, with V3's
 MTP module, which that preset leaves out since this study) on the speedrun's 2-digit arithmetic corpus,
 all-worked (no answer-only documents), for ``--steps`` steps (default 120, a stated variant of the 650
-the speedrun ran then: three seeds of seven variants must fit about an hour on 2 cores). One tokenizer and one set of shards serve every run, so runs differ only in what the
+the speedrun ran then: three seeds of seven variants must fit about an hour on 2 cores). One tokenizer
+and one set of shards serve every run, so runs differ only in what the
 study varies and in the seed (model init and data order). Studies:
 
 - ``mtp`` (V3 report Table 4): ``v3`` (one MTP module, λ 0.3 → 0.1) vs ``no-mtp``; main-head
@@ -76,8 +77,11 @@ KINDS = {"addition": "+", "subtraction": "-", "multiplication": "*"}
 def settings(smoke: bool, steps: int | None) -> dict:
     cpu = PRESETS["tiny" if smoke else "cpu"]
     # "v3" is V3's whole recipe, MTP included, which the cpu speedrun preset itself now leaves out
-    s = dict(model=dict(cpu.model, num_nextn_predict_layers=1), vocab=cpu.vocab_size, corpus=cpu.corpus_problems, difficulty=cpu.difficulty,
-             pretrain=dict(cpu.pretrain, max_steps=steps or (3 if smoke else 120)),
+    s = dict(model=dict(cpu.model, num_nextn_predict_layers=1), vocab=cpu.vocab_size, corpus=cpu.corpus_problems,
+             difficulty=cpu.difficulty,
+             # batches of 16 × 256 and 30 warm-up steps, as recorded (the cpu preset's before it went to 8 × 256)
+             pretrain=dict(cpu.pretrain, max_steps=steps or (3 if smoke else 120),
+                           **({} if smoke else dict(batch_size=16, warmup_steps=30))),
              sft=dict(cpu.sft), eval_n=8 if smoke else 200, eval_max_tokens=cpu.eval_max_tokens,
              kind_problems=16 if smoke else 200)
     s["pretrain"].update(checkpoint_every=s["pretrain"]["max_steps"], eval_every=s["pretrain"]["max_steps"],

@@ -10,8 +10,8 @@ What it runs (one seed):
    window (8,000 of 38,000 documents), so retrieval is a skill the model can have at 1× (whether a
    run's model learns it varies: docs/2026-11-28-ablations-and-context-extension.md);
 2. passkey retrieval (exact match, greedy, the base model's document format) with prompt + answer
-   within ½×, 1×, 2× and 4× ``--context`` tokens — for the pretrained model, for the same weights with only the YaRN
-   config written (no training), and, after step 3, for the extended model;
+   within ½×, 1×, 2× and 4× ``--context`` tokens — for the pretrained model, for the same weights with
+   only the YaRN config written (no training), and, after step 3, for the extended model;
 3. ``extend`` ×``--factor`` at ``factor × context`` tokens per sequence for ``--extend-steps`` steps on
    the same mix with passkey documents up to the new length; with ``--control``, the same training
    without YaRN (plain RoPE positions past the original context) as a control;

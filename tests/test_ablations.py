@@ -78,9 +78,8 @@ def test_dense_matches_active_parameters_and_wall_clock(ablations):
 
 
 def test_dense_intermediate_gives_the_cpu_shape_its_active_parameters():
-    from benchmarks.ablations import DENSE_INTERMEDIATE
+    from benchmarks.ablations import DENSE_INTERMEDIATE, settings
     from nanoseek.config import get_preset
-    from benchmarks.ablations import settings
 
     cpu = get_preset("small").replace(vocab_size=512, **settings(False, None)["model"])
     dense = cpu.replace(n_routed_experts=0, intermediate_size=DENSE_INTERMEDIATE)
