@@ -80,9 +80,14 @@ class MultiHeadLatentAttention(nn.Module):
         k_nope, v = kv.split([self.qk_nope, self.v_dim], dim=-1)
         k = torch.cat((k_nope, k_pe.unsqueeze(2).expand(-1, -1, self.n_heads, -1)), dim=-1)
         q = torch.cat((q_nope, q_pe), dim=-1)
+        pad = q.shape[-1] - self.v_dim
+        if pad > 0:
+            # the fused (flash) kernels want one head size for q, k and v; without it PyTorch falls back
+            # to the math path that materialises every [T, T] score (~2x slower on the CPU)
+            v = F.pad(v, (0, pad))
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=self.scale)
-        return out.transpose(1, 2)  # [B, T, heads, v]
+        return out.transpose(1, 2)[..., : self.v_dim]  # [B, T, heads, v]
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Split ``kv_b_proj``'s computed weight (FP8-quantised after ``convert_to_fp8``) into
