@@ -41,7 +41,7 @@ from .infer.engine import Engine
 from .report import write_report
 from .rl.grpo import grpo
 from .tasks import answer_only_mix, format_completion, get_task
-from .tasks.evaluate import evaluate
+from .tasks.evaluate import base_prompt, evaluate
 from .train.extend import extend as extend_context
 from .train.pretrain import pretrain
 from .train.sft import sft
@@ -142,11 +142,6 @@ def best_stage(validation: dict[str, float]) -> str:
     """The stage whose model scored best on the validation split; on a tie the later stage (the
     pipeline's order), so RL that neither helps nor hurts still gives the final model."""
     return max(reversed(list(validation)), key=validation.__getitem__)
-
-
-def base_prompt(problem) -> str:
-    """How a base model (no chat turns yet) is asked: the pretraining document's prefix."""
-    return f"{problem.prompt}\n"
 
 
 def write_corpus(path: Path, preset: SpeedrunPreset, seed: int) -> int:

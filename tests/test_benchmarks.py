@@ -124,3 +124,29 @@ def test_gradient_noise_of_a_tiny_policy(init_ckpt):  # noqa: F811
     names = [row["param"] for row in stats["largest_gradients"]]
     assert len(names) == 5 and all(row["mean_norm"] > 0 for row in stats["largest_gradients"])
     assert set(names) <= {n for n, _ in nanoseek.load(init_ckpt).named_parameters()}
+
+
+def test_r1_tables_student_is_half_the_teacher_and_the_table_aggregates_seeds():
+    import r1_tables
+    from nanoseek.config import get_preset
+    from nanoseek.model.model import DeepSeekV3
+    from nanoseek.speedrun import PRESETS
+
+    teacher_fields = PRESETS["cpu"].model
+    student_fields = r1_tables.student_model(teacher_fields)
+    assert (student_fields["hidden_size"], student_fields["num_hidden_layers"], student_fields["qk_rope_head_dim"]) \
+        == (teacher_fields["hidden_size"] // 2, teacher_fields["num_hidden_layers"] // 2, 8)
+    assert student_fields["n_routed_experts"] == teacher_fields["n_routed_experts"]
+    sizes = [DeepSeekV3(get_preset("small").replace(vocab_size=512, **f)).num_parameters()
+             for f in (teacher_fields, student_fields)]
+    assert sizes[1] < sizes[0] / 4
+
+    rows = [dict(seed=s, stage=stage, accuracy=acc, mean_length=length, seconds=60.0 * (s + 1))
+            for s, stage, acc, length in [(0, "base", 0.70, 70), (1, "base", 0.80, 80),
+                                          (0, "grpo_from_base", 0.75, 74), (1, "grpo_from_base", 0.85, 76)]]
+    lines = r1_tables.table(rows).splitlines()
+    assert "seeds 0, 1" in lines[0]
+    # mean ± sample sd of (70%, 80%): 75.0% ± 7.1%; mean length 75; mean minutes 1.5
+    assert "| SFT-only | base | 75.0% ± 7.1% | 70.0% / 80.0% | 75 | 1.5 |" in lines
+    assert "| R1-Zero | grpo_from_base | 80.0% ± 7.1% | 75.0% / 85.0% | 75 | 1.5 |" in lines
+    assert not any("student" in line for line in lines)  # stages without rows are left out

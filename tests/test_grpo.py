@@ -624,3 +624,31 @@ def test_fp8_policy_samples_as_it_trains(init_ckpt, tmp_path):
     assert abs(recs[0]["ratio_mean"] - 1.0) < 1e-4, recs[0]["ratio_mean"]
     model, _ = load_with_tokenizer(str(run / "final"), "cpu", "float32")
     assert type(model.model.layers[0].self_attn.kv_b_proj) is torch.nn.Linear
+
+
+def test_base_prompt_format_asks_the_base_model_without_chat_turns(init_ckpt, tmp_path, monkeypatch):
+    """R1-Zero straight from a base model: --prompt-format base asks every rollout (and the held-out
+    evaluation) with the pretraining document's prefix, not the chat template."""
+    from nanoseek.rl import grpo as grpo_module
+    from nanoseek.tasks.evaluate import base_prompt, prompt_builder
+
+    asked: list[str] = []
+    sampled = grpo_module.sample_rollout
+
+    def spy(*args, **kwargs):
+        roll = sampled(*args, **kwargs)
+        asked.extend(roll.prompt_texts)
+        return roll
+    monkeypatch.setattr(grpo_module, "sample_rollout", spy)
+    evaluated = []
+    monkeypatch.setattr(grpo_module, "evaluate",
+                        lambda *a, prompt_fn, **k: evaluated.append(prompt_fn) or type(
+                            "R", (), {"accuracy": 0.0, "format_rate": 0.0, "mean_length": 0.0})())
+    grpo(tmp_path / "run", **run_cfg(init_ckpt, steps=1, prompt_format="base", eval_every=1), **QUIET)
+    problems = get_task(TASK).generate(problem_seed(0, 0), 2, 1)
+    assert asked == [base_prompt(p) for p in problems] and all("<|" not in t for t in asked)
+    assert evaluated and evaluated[0] is base_prompt
+    _, tok = load_with_tokenizer(str(init_ckpt), "cpu")
+    assert prompt_builder(tok, "chat")(problems[0]) == chat_prompt(tok, problems[0])
+    with pytest.raises(NanoseekError, match="prompt_format"):
+        build_run_config(run_cfg(init_ckpt, prompt_format="instruct"))

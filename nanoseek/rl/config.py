@@ -12,7 +12,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..settings import Settings, resumable, setting
-from ..tasks.base import parse_task_spec
+from ..tasks.base import PROMPT_FORMATS, parse_task_spec
 
 STAGE = "grpo"
 CONFIG_FILE = "grpo_config.json"
@@ -196,6 +196,9 @@ class GRPORunConfig(GRPOConfig):
                         metavar="TASK[:DIFFICULTY]")
     difficulty: int = setting(1, "problem difficulty (also given as --task NAME:DIFFICULTY)", min=1, cli=False)
     reward: str = setting("combined", "registered reward name (combined: accuracy + 0.1 format)")
+    prompt_format: str = setting("chat", "how problems are asked: chat (the checkpoint's chat template) or base "
+                                 "(the question and a newline, as a speedrun pretraining document begins: RL "
+                                 "straight from a base model, R1-Zero)", choices=PROMPT_FORMATS)
     variant: str = setting("grpo", "objective preset", choices=VARIANTS, cli=False)
     # rollout
     steps: int = setting(100, "GRPO steps", min=1, resumable=True)

@@ -3,7 +3,8 @@
 One step::
 
     1. P problems from the task generator, problem seeds < EVAL_SEED_BASE (a pure function of the
-       run seed and the step's batch number), each asked in the chat form of ``chat_prompt``;
+       run seed and the step's batch number), each asked in the chat form of ``chat_prompt`` (or, with
+       ``prompt_format`` "base", as a base model's document prefix: R1-Zero straight from pretraining);
     2. G samples per prompt from the CURRENT policy through the shared :class:`Engine` (the model
        object being trained, in eval mode), each sample with its own seed (run seed, batch, prompt,
        sample); the engine returns every token's log-prob under the sampling distribution: π_old;
@@ -84,7 +85,7 @@ from ..infer.engine import Engine
 from ..model import update_routing_bias
 from ..tasks import get_reward, get_task
 from ..tasks.base import parse_task_spec
-from ..tasks.evaluate import evaluate
+from ..tasks.evaluate import evaluate, prompt_builder
 from ..train import distributed as dist
 from ..train.checkpoint import install_tokenizer, load_model, read_trainer_state
 from ..train.cost import CostMeter
@@ -357,7 +358,8 @@ class GRPOTrainer(RunTrainer):
         self.policy.eval()
         try:
             res = evaluate(self.engine, self.tokenizer, self.task, n_problems=cfg.eval_n, difficulty=cfg.difficulty,
-                           max_tokens=cfg.eval_max_tokens or cfg.max_tokens, seed=cfg.seed)
+                           max_tokens=cfg.eval_max_tokens or cfg.max_tokens, seed=cfg.seed,
+                           prompt_fn=prompt_builder(self.tokenizer, cfg.prompt_format))
         finally:
             self.model.train()
         return {"eval_accuracy": res.accuracy, "eval_format_rate": res.format_rate,

@@ -14,7 +14,7 @@ import torch
 from ..errors import NanoseekError
 from ..infer.sampling import SamplingParams, token_logprobs
 from ..tasks import accuracy_reward, format_reward
-from ..tasks.evaluate import EVAL_SEED_BASE, chat_prompt
+from ..tasks.evaluate import EVAL_SEED_BASE, prompt_builder
 from .objective import overlong_penalty
 
 _U63 = (1 << 63) - 1
@@ -166,7 +166,8 @@ def sample_rollout(engine, tokenizer, task, reward_fn, reward_name: str, cfg, ob
     problems = task.generate(problem_seed(cfg.seed, batch), cfg.prompts_per_step, cfg.difficulty)
     prompts = prompts if prompts is not None else range(len(problems))
     problems = [problems[i] for i in prompts]
-    texts = [chat_prompt(tokenizer, p) for p in problems]
+    ask = prompt_builder(tokenizer, cfg.prompt_format)
+    texts = [ask(p) for p in problems]
     ids = [tokenizer.encode(t) for t in texts]
     seqs, params = [], []
     for i, pid in zip(prompts, ids):

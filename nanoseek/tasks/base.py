@@ -151,6 +151,10 @@ def format_prompt(problem: Problem | str, *, prefill_think: bool = False) -> str
 
 
 #: The R1 instruction as a system turn, for chat-formatted models (SFT, GRPO, eval, serving).
+#: How problems are put to a model: in its chat template (``nanoseek.tasks.evaluate.chat_prompt``) or as a
+#: base model's document prefix (``base_prompt`` there; R1-Zero's RL straight from the base model).
+PROMPT_FORMATS = ("chat", "base")
+
 SYSTEM_PROMPT = "Reason inside <think> </think>, then give the final answer inside <answer> </answer>."
 
 

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
 from ..infer.sampling import SamplingParams
-from .base import Problem, Task, Verdict, chat_messages, format_ok, parse_answer
+from .base import PROMPT_FORMATS, Problem, Task, Verdict, chat_messages, format_ok, parse_answer
 from .registry import get_task
 
 #: Problem seeds at or above this are reserved for evaluation; training must stay below it.
@@ -38,6 +38,21 @@ def eval_problems(task: Task | str, n: int, difficulty: int = 1, seed: int = 0, 
 def chat_prompt(tokenizer, problem: Problem | str) -> str:
     """The problem in the checkpoint's chat template (:func:`chat_messages`), ready to generate."""
     return tokenizer.apply_chat_template(chat_messages(problem), add_generation_prompt=True)
+
+
+def base_prompt(problem: Problem) -> str:
+    """How a base model (no chat turns learnt yet) is asked: the question and a newline, the prefix of
+    a speedrun pretraining document (:func:`nanoseek.speedrun.corpus_text`), so the completion follows."""
+    return f"{problem.prompt}\n"
+
+
+def prompt_builder(tokenizer, prompt_format: str = "chat") -> Callable[[Problem], str]:
+    """The function that turns a problem into its prompt text in ``prompt_format`` (:data:`PROMPT_FORMATS`)."""
+    if prompt_format == "chat":
+        return lambda problem: chat_prompt(tokenizer, problem)
+    if prompt_format == "base":
+        return base_prompt
+    raise ValueError(f"unknown prompt format {prompt_format!r} (choose from {', '.join(PROMPT_FORMATS)})")
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -132,9 +147,10 @@ def evaluate(engine, tokenizer, task: Task | str, n_problems: int = 200, difficu
     if samples < k:
         raise ValueError(f"samples ({samples}) must be >= k ({k})")
     problems = eval_problems(task, n_problems, difficulty, seed, split)
+    prompt_fn = prompt_fn or prompt_builder(tokenizer)
     prompts, params = [], []
     for i, problem in enumerate(problems):
-        text = prompt_fn(problem) if prompt_fn is not None else chat_prompt(tokenizer, problem)
+        text = prompt_fn(problem)
         for j in range(samples):
             prompts.append(text)
             params.append(SamplingParams(temperature=temperature, max_tokens=max_tokens,
