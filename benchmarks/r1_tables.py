@@ -141,8 +141,7 @@ def run_seed(root: Path, seed: int, speedrun_dir: Path | None, log, preset: str 
     # R1: rejection-sampling SFT on the GRPO model's verified samples + some original data, then GRPO again
     d = root / "rs_sft"
     if not done(d):
-        d.mkdir(parents=True, exist_ok=True)
-        original = d / "original_data.jsonl"
+        original = root / "rs_original_data.jsonl"
         lines = (sr / "sft" / COLD_START_FILE).read_text().splitlines()[:RS_ORIGINAL]
         original.write_text("\n".join(lines) + "\n")
         distill(d, dict(sft_settings(), teacher=str(rl1), init_from=str(rl1), task=task, prompts=RS_PROMPTS,
