@@ -23,7 +23,8 @@ included, evaluation not). Usage::
 ``--speedrun SEED=DIR`` reuses a finished ``nanoseek speedrun --seed SEED`` directory (same preset);
 otherwise the driver runs it into ``OUT/seed<S>/speedrun``. Each stage already finished (its
 ``final/`` and eval JSON exist) is skipped on a rerun. Writes ``OUT/seed<S>/rows.json`` per seed and
-``OUT/r1_tables.json`` + ``OUT/r1_tables.md`` (mean ± sd over seeds) at the end.
+``OUT/r1_tables.json`` + ``OUT/r1_tables.md`` (mean ± sd over every seed finished under ``OUT``,
+so seeds run by separate invocations in parallel end up in one table) at the end.
 """
 
 from __future__ import annotations
@@ -194,21 +195,21 @@ def mean_sd(xs: list[float]) -> str:
 
 def table(rows: list[dict]) -> str:
     """Markdown: one line per pipeline stage, mean ± sd over seeds of held-out accuracy, the mean
-    answer length and the mean device minutes of the stage."""
+    answer length and each seed's device minutes for the stage (per seed: runs that shared the
+    machine took longer, an average would hide it)."""
     seeds = sorted({r["seed"] for r in rows})
     lines = [f"| pipeline | stage | held-out accuracy (seeds {', '.join(map(str, seeds))}) | per seed | "
-             "answer tokens | stage minutes |", "|---|---|---:|---|---:|---:|"]
+             "answer tokens | stage minutes per seed |", "|---|---|---:|---|---:|---:|"]
     for pipeline, stages in PIPELINES.items():
         for stage in stages:
             rs = [r for r in rows if r["stage"] == stage]
             if not rs:
                 continue
             accs = [r["accuracy"] for r in rs]
-            secs = [r["seconds"] for r in rs if r["seconds"]]
             lines.append(f"| {pipeline} | {stage} | {mean_sd(accs)} | "
                          + " / ".join(f"{a:.1%}" for a in accs)
                          + f" | {statistics.mean(r['mean_length'] for r in rs):.0f} | "
-                         + (f"{statistics.mean(secs) / 60:.1f}" if secs else "–") + " |")
+                         + " / ".join(f"{r['seconds'] / 60:.1f}" if r["seconds"] else "–" for r in rs) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -221,9 +222,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="reuse a finished cpu-preset speedrun of that seed")
     args = ap.parse_args(argv)
     given = {int(k): Path(v) for k, v in (s.split("=", 1) for s in args.speedrun)}
-    rows: list[dict] = []
     for seed in args.seeds:
-        rows += run_seed(args.out / f"seed{seed}", seed, given.get(seed), print, args.preset)
+        run_seed(args.out / f"seed{seed}", seed, given.get(seed), print, args.preset)
+    # every seed finished under --out so far, also those of other invocations (seeds run in parallel)
+    rows = [row for path in sorted(args.out.glob("seed*/rows.json")) for row in json.loads(path.read_text())]
     (args.out / "r1_tables.json").write_text(json.dumps(rows, indent=2) + "\n")
     (args.out / "r1_tables.md").write_text(table(rows))
     print(table(rows))

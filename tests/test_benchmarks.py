@@ -146,7 +146,7 @@ def test_r1_tables_student_is_half_the_teacher_and_the_table_aggregates_seeds():
                                           (0, "grpo_from_base", 0.75, 74), (1, "grpo_from_base", 0.85, 76)]]
     lines = r1_tables.table(rows).splitlines()
     assert "seeds 0, 1" in lines[0]
-    # mean ± sample sd of (70%, 80%): 75.0% ± 7.1%; mean length 75; mean minutes 1.5
-    assert "| SFT-only | base | 75.0% ± 7.1% | 70.0% / 80.0% | 75 | 1.5 |" in lines
-    assert "| R1-Zero | grpo_from_base | 80.0% ± 7.1% | 75.0% / 85.0% | 75 | 1.5 |" in lines
+    # mean ± sample sd of (70%, 80%): 75.0% ± 7.1%; mean length 75; each seed's minutes
+    assert "| SFT-only | base | 75.0% ± 7.1% | 70.0% / 80.0% | 75 | 1.0 / 2.0 |" in lines
+    assert "| R1-Zero | grpo_from_base | 80.0% ± 7.1% | 75.0% / 85.0% | 75 | 1.0 / 2.0 |" in lines
     assert not any("student" in line for line in lines)  # stages without rows are left out
