@@ -652,3 +652,40 @@ def test_base_prompt_format_asks_the_base_model_without_chat_turns(init_ckpt, tm
     assert prompt_builder(tok, "chat")(problems[0]) == chat_prompt(tok, problems[0])
     with pytest.raises(NanoseekError, match="prompt_format"):
         build_run_config(run_cfg(init_ckpt, prompt_format="instruct"))
+
+
+def test_screening_trains_on_the_candidates_whose_greedy_answer_earns_least(init_ckpt, tmp_path, monkeypatch):
+    """--screen-factor K: the step draws K × P candidates, answers each greedily with the policy and
+    keeps the P lowest greedy rewards (ties in generation order); recomputed here with a separate
+    engine. The reward mixes the prompt's parity (so the order cannot be the generation order) with
+    the greedy completion's first letter (so it depends on what the policy answers)."""
+    import re
+
+    from nanoseek.rl import grpo as grpo_module
+    from nanoseek.tasks import register_reward
+
+    def screen_reward(prompt, completion, fields):
+        number = int(re.search(r"Say word (\d+)", prompt).group(1))
+        return number % 2 + 0.5 * first_lower_reward(prompt, completion, fields)
+    register_reward("test_screen", screen_reward, overwrite=True)
+    rolls = []
+    sampled = grpo_module.sample_rollout
+    monkeypatch.setattr(grpo_module, "sample_rollout", lambda *a, **k: rolls.append(sampled(*a, **k)) or rolls[-1])
+    cfg = run_cfg(init_ckpt, steps=1, prompts_per_step=3, screen_factor=4, reward="test_screen")
+    grpo(tmp_path / "run", **cfg, **QUIET)
+
+    candidates = get_task(TASK).generate(problem_seed(0, 0), 12, 1)
+    model, tok = load_with_tokenizer(str(init_ckpt), "cpu", "float32")
+    model.eval()
+    texts = [chat_prompt(tok, p) for p in candidates]
+    greedy = Engine(model, tok).generate([tok.encode(t) for t in texts],
+                                         [SamplingParams(temperature=0.0, max_tokens=cfg["max_tokens"])] * 12)
+    rewards = [screen_reward(t, c.text, p.fields) for t, c, p in zip(texts, greedy, candidates)]
+    assert len(set(rewards)) > 1
+    expected = sorted(range(12), key=rewards.__getitem__)[:3]
+    assert [p.prompt for p in rolls[0].problems] == [candidates[i].prompt for i in expected]
+    assert all(rewards[i] <= min(rewards[j] for j in range(12) if j not in expected) for i in expected)
+    assert records(tmp_path / "run")[0]["screen_reward"] == pytest.approx(sum(rewards) / 12)
+    assert len(rolls[0].completions) == 3 * cfg["group_size"]
+    with pytest.raises(NanoseekError, match="screen_factor"):
+        build_run_config(run_cfg(init_ckpt, screen_factor=0))

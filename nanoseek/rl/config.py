@@ -203,6 +203,8 @@ class GRPORunConfig(GRPOConfig):
     # rollout
     steps: int = setting(100, "GRPO steps", min=1, resumable=True)
     prompts_per_step: int = setting(16, "P problems per step, over all processes", min=1)
+    screen_factor: int = setting(1, "draw N x P problems, answer each once greedily and train on the P whose "
+                                 "greedy answer earns the least reward (1: off)", min=1, metavar="N")
     max_tokens: int = setting(256, "generation budget per sample", min=1)
     max_slots: int = setting(64, "requests the engine decodes together", min=1, resumable=True)
     max_seq_len: int | None = setting(None, "engine cache length, prompt + completion (unset: min(model "

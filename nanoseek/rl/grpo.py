@@ -5,6 +5,8 @@ One step::
     1. P problems from the task generator, problem seeds < EVAL_SEED_BASE (a pure function of the
        run seed and the step's batch number), each asked in the chat form of ``chat_prompt`` (or, with
        ``prompt_format`` "base", as a base model's document prefix: R1-Zero straight from pretraining);
+       with ``screen_factor`` K > 1, the P of K × P candidates whose greedy answer earns the least
+       reward (:func:`~nanoseek.rl.rollout.step_problems`);
     2. G samples per prompt from the CURRENT policy through the shared :class:`Engine` (the model
        object being trained, in eval mode), each sample with its own seed (run seed, batch, prompt,
        sample); the engine returns every token's log-prob under the sampling distribution: π_old;
@@ -51,7 +53,8 @@ generated tokens) / ``response_length_max``, ``truncation_rate`` (finish_reason 
 ``entropy`` (mean token entropy of the sampling distribution on every sampled completion),
 ``repetition_frac``, ``reward_errors`` (completions whose reward raised), ``loss``, ``grad_norm``,
 ``lr``, ``samples`` / ``tokens`` / ``samples_per_s`` / ``tokens_per_s`` (whole step), ``rollout_s``,
-``step_s``, ``action`` (the RL guard's), ``batch``, and
+``step_s``, ``screen_reward`` (the mean greedy reward of the screened candidates; null without
+screening), ``action`` (the RL guard's), ``batch``, and
 ``eval_accuracy`` (+ format rate, length) every ``eval_every`` steps. The cost meter counts samples and
 prompt + completion tokens (what the training forward processes).
 
@@ -385,7 +388,7 @@ class GRPOTrainer(RunTrainer):
             "samples": n, "tokens": gen_tokens,
             "samples_per_s": n / t_step if t_step > 0 else None,
             "tokens_per_s": gen_tokens / t_step if t_step > 0 else None,
-            "rollout_s": roll.seconds, "step_s": t_step,
+            "rollout_s": roll.seconds, "step_s": t_step, "screen_reward": roll.screen_reward,
             "peak_mem_bytes": peak_memory_bytes(self.device),
             "elapsed": self.elapsed(),
         }

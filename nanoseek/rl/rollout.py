@@ -122,6 +122,8 @@ class Rollout:
     seconds: float
     #: one entry per completion whose reward raised: index, check, error type, message, completion start
     reward_errors: list[dict] = field(default_factory=list)
+    #: with ``screen_factor`` > 1: the mean reward of the greedy answers to every screened candidate
+    screen_reward: float | None = None
 
     @property
     def accuracy(self) -> float | None:
@@ -155,15 +157,51 @@ def _judge(what: str, fn: Callable, args: tuple, on_error: float, failed: list) 
         return on_error
 
 
+def _greedy_rewards(engine, texts: list[str], ids: list[list[int]], problems: list, reward_fn,
+                    max_tokens: int) -> list[float]:
+    """The reward of one greedy completion of each problem (a reward that raises or gives ``None``
+    counts as :data:`REWARD_ON_ERROR`)."""
+    completions = engine.generate(ids, [SamplingParams(temperature=0.0, max_tokens=max_tokens) for _ in ids])
+    rewards = []
+    for text, comp, problem in zip(texts, completions, problems):
+        r = _judge("reward", reward_fn, (text, comp.text, problem.fields), REWARD_ON_ERROR, [])
+        rewards.append(r if r is not None and math.isfinite(r) else REWARD_ON_ERROR)
+    return rewards
+
+
+def step_problems(engine, tokenizer, task, reward_fn, cfg, batch: int) -> tuple[list, float | None]:
+    """The ``prompts_per_step`` problems of batch ``batch`` (a pure function of the run seed, the
+    batch and, when screening, the policy) and the mean greedy reward of the screened candidates.
+
+    With ``cfg.screen_factor`` K > 1 the generator draws K × P candidates, the policy answers each
+    once greedily, and the P whose greedy answer earns the least reward are kept (ties in generation
+    order): the groups go to the problems the model's own answer still gets wrong, the decisions
+    greedy decoding makes and held-out accuracy measures. This is the prioritized sampling of Kimi
+    k1.5 (arXiv 2501.12599: sample problems by their failure rate) with a one-sample estimate on fresh
+    problems, and it spends no group on a problem the policy always solves, the zero-variance groups
+    that DAPO's dynamic sampling (arXiv 2503.14476) has to drop after paying for them. Every rank of a
+    distributed run screens the same candidates with the same weights, so they agree on the step."""
+    n = cfg.prompts_per_step * cfg.screen_factor
+    problems = task.generate(problem_seed(cfg.seed, batch), n, cfg.difficulty)
+    if cfg.screen_factor == 1:
+        return problems, None
+    ask = prompt_builder(tokenizer, cfg.prompt_format)
+    texts = [ask(p) for p in problems]
+    rewards = _greedy_rewards(engine, texts, [tokenizer.encode(t) for t in texts], problems, reward_fn,
+                              cfg.max_tokens)
+    keep = sorted(range(n), key=rewards.__getitem__)[: cfg.prompts_per_step]
+    return [problems[i] for i in keep], sum(rewards) / n
+
+
 def sample_rollout(engine, tokenizer, task, reward_fn, reward_name: str, cfg, objective, batch: int,
                    prompts: range | None = None) -> Rollout:
-    """Sample batch ``batch``: the step's problems (a pure function of the run seed and ``batch``),
-    ``group_size`` completions of each through ``engine`` (the model must be in eval mode), their
-    rewards, accuracy and format checks. ``prompts``: which of the step's ``prompts_per_step``
-    problems to sample here (default all; a rank of a distributed run takes its share), each with
-    the same seeds it gets in a one-process run."""
+    """Sample batch ``batch``: the step's problems (:func:`step_problems`), ``group_size``
+    completions of each through ``engine`` (the model must be in eval mode), their rewards, accuracy
+    and format checks. ``prompts``: which of the step's ``prompts_per_step`` problems to sample here
+    (default all; a rank of a distributed run takes its share), each with the same seeds it gets in a
+    one-process run."""
     t0 = time.perf_counter()
-    problems = task.generate(problem_seed(cfg.seed, batch), cfg.prompts_per_step, cfg.difficulty)
+    problems, screen_reward = step_problems(engine, tokenizer, task, reward_fn, cfg, batch)
     prompts = prompts if prompts is not None else range(len(problems))
     problems = [problems[i] for i in prompts]
     ask = prompt_builder(tokenizer, cfg.prompt_format)
@@ -201,7 +239,7 @@ def sample_rollout(engine, tokenizer, task, reward_fn, reward_name: str, cfg, ob
         lengths = torch.tensor([len(c.token_ids) for c in completions])
         rewards_t = rewards_t + overlong_penalty(lengths, objective.overlong_max_len, objective.overlong_cache_len)
     return Rollout(batch, problems, texts, ids, completions, rewards_t, accs, fmts, none,
-                   time.perf_counter() - t0, errors)
+                   time.perf_counter() - t0, errors, screen_reward)
 
 
 def _error_record(index: int, failure: tuple[str, Exception], completion: str) -> dict:
