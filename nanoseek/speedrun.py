@@ -92,8 +92,8 @@ PRESETS: dict[str, SpeedrunPreset] = {
                       eval_every=800, log_every=20),
         # Cold start 90 steps, then GRPO on the problems the model's greedy answer gets wrong (8 × 8
         # candidates screened per step, 10 steps): on seeds 0-2 this takes the same base models from
-        # 82.4% (30 SFT steps, 20 unscreened GRPO steps) to 86.2% in ~15 s more
-        # (docs/2026-11-28-r1-laptop.md, session 7).
+        # 82.4% (30 SFT steps, 20 unscreened GRPO steps) to 86.2% in about the same time (seed 0: SFT
+        # 55 s + GRPO 44 s; the old stages took 24 + 71 s) (docs/2026-11-28-r1-laptop.md, session 7).
         sft=dict(cold_start_n=2000, max_steps=90, batch_size=16, seq_len=256, lr=3e-4, warmup_steps=3,
                  checkpoint_every=90, eval_every=90, log_every=10),
         grpo=dict(steps=10, prompts_per_step=8, screen_factor=8, group_size=8, max_tokens=110, temperature=1.0,
@@ -102,7 +102,7 @@ PRESETS: dict[str, SpeedrunPreset] = {
                     checkpoint_every=40, eval_every=40, log_every=10),
         eval_problems=500, answer_only_fraction=0.0,
         description="~3M-parameter DeepSeek-V3 (MLA, 8 routed + 1 shared experts; MTP with --mtp) on 2-digit "
-                    "arithmetic with worked solutions; about 14 minutes on 2 CPU cores"),
+                    "arithmetic with worked solutions; 11-15 minutes on 2 CPU cores"),
     "tiny": SpeedrunPreset(
         name="tiny", task="arithmetic", difficulty=1, corpus_problems=600, vocab_size=320,
         model=dict(_CPU_MODEL, hidden_size=64, num_hidden_layers=2, intermediate_size=128, moe_intermediate_size=32,
