@@ -180,7 +180,9 @@ def step_problems(engine, tokenizer, task, reward_fn, cfg, batch: int) -> tuple[
     k1.5 (arXiv 2501.12599: sample problems by their failure rate) with a one-sample estimate on fresh
     problems, and it spends no group on a problem the policy always solves, the zero-variance groups
     that DAPO's dynamic sampling (arXiv 2503.14476) has to drop after paying for them. Every rank of a
-    distributed run screens the same candidates with the same weights, so they agree on the step."""
+    distributed run screens all K × P candidates with the same weights and takes its share of the
+    kept ones; a rank whose kernels broke a near-tie differently would sample another problem in a
+    slot, which changes what is trained on but not the objective."""
     n = cfg.prompts_per_step * cfg.screen_factor
     problems = task.generate(problem_seed(cfg.seed, batch), n, cfg.difficulty)
     if cfg.screen_factor == 1:
