@@ -19,7 +19,7 @@ from nanoseek.model.moe import update_routing_bias
 from nanoseek.train import distributed as dist
 
 
-def main() -> None:
+def check() -> None:
     assert dist.init_distributed("cpu"), "expected to run under torchrun with WORLD_SIZE > 1"
     rank, world = dist.rank(), dist.world_size()
     cfg = get_preset("tiny")
@@ -82,8 +82,8 @@ def main() -> None:
         raise AssertionError(f"rank {rank}: models of different layouts were sharded together")
     dist.barrier()
     print(f"rank {rank} ok", flush=True)
-    dist.shutdown()
 
 
 if __name__ == "__main__":
-    main()
+    check()
+    dist.shutdown()  # with the sharded models out of scope, as at the end of a training run
