@@ -6,6 +6,7 @@ ids; the trainer must do the same)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -15,6 +16,10 @@ from nanoseek.data.tokenizer import padded_vocab_size, train_tokenizer
 from nanoseek.tasks import SYSTEM_PROMPT, Problem, Task, Verdict, register_reward, register_task
 
 TASK = "test_first_lower"
+#: a reward for screening tests: the prompt's parity (so the greedy rewards of a random policy still
+#: differ, and their order is not the generation order) plus half the first-letter reward (so it also
+#: depends on what the policy answers)
+SCREEN_REWARD = "test_screen"
 
 
 class FirstLowerTask(Task):
@@ -33,10 +38,17 @@ def first_lower_reward(prompt, completion, fields):
     return 1.0 if completion[:1].islower() else 0.0
 
 
+def parity_first_lower_reward(prompt, completion, fields):
+    number = int(re.search(r"Say word (\d+)", prompt).group(1))
+    return number % 2 + 0.5 * first_lower_reward(prompt, completion, fields)
+
+
 def register() -> None:
-    """Make the task and its reward known under :data:`TASK`."""
+    """Make the task and its reward known under :data:`TASK`, and the screening reward under
+    :data:`SCREEN_REWARD`."""
     register_task(FirstLowerTask(), overwrite=True)
     register_reward(TASK, first_lower_reward, overwrite=True)
+    register_reward(SCREEN_REWARD, parity_first_lower_reward, overwrite=True)
 
 
 def tiny_policy(path: Path) -> Path:

@@ -282,8 +282,9 @@ def test_fsdp_helpers_against_an_unsharded_reference(tmp_path):
 # ------------------------------------------------------------------------------ GRPO
 def test_grpo_on_two_processes_updates_like_one(tmp_path):
     """GRPO under torchrun: the global prompts split over the ranks, each samples its share with the
-    full weights, one update over the global batch. Step 1 samples exactly what one process samples
-    (same seeds per global prompt), so its reward is equal; the weight updates of 3 steps
+    full weights, one update over the global batch. Every rank screens all the step's candidates
+    (``screen_factor`` 2) and keeps the problems one process keeps; step 1 samples exactly what one
+    process samples (same seeds per global prompt), so its screen and sample rewards are equal; the weight updates of 3 steps
     (final - initial: AdamW moves every weight by about lr per step, so compare the updates, not the
     weights) agree within 5% relative norm. A 2-process checkpoint resumes in one process and,
     exactly, in two."""
@@ -298,6 +299,7 @@ def test_grpo_on_two_processes_updates_like_one(tmp_path):
     m1, m2 = metrics(one), metrics(two)
     assert [m["step"] for m in m2] == [1, 2, 3] and m2[0]["samples"] == m1[0]["samples"] == 16
     assert m2[0]["reward"] == m1[0]["reward"] and 0 < m1[0]["reward"] < 1
+    assert m2[0]["screen_reward"] == m1[0]["screen_reward"] and 0 < m1[0]["screen_reward"]
     assert m2[0]["accuracy"] == m1[0]["accuracy"]
     start = safetensors.torch.load_file(str(init / "model.safetensors"))
     end1 = safetensors.torch.load_file(str(one / "final" / "model.safetensors"))

@@ -22,7 +22,7 @@ from nanoseek.rl.rollout import completion_logprobs, problem_seed, sample_seed
 from nanoseek.tasks import Problem, Task, Verdict, get_task, register_task
 from nanoseek.tasks.evaluate import EVAL_SEED_BASE, chat_prompt
 from nanoseek.train.optim import train_top_layers
-from grpo_toy import TASK, first_lower_reward, register, tiny_policy
+from grpo_toy import SCREEN_REWARD, TASK, first_lower_reward, parity_first_lower_reward, register, tiny_policy
 
 register()
 QUIET = dict(log=lambda s: None)
@@ -659,19 +659,12 @@ def test_screening_trains_on_the_candidates_whose_greedy_answer_earns_least(init
     keeps the P lowest greedy rewards (ties in generation order); recomputed here with a separate
     engine. The reward mixes the prompt's parity (so the order cannot be the generation order) with
     the greedy completion's first letter (so it depends on what the policy answers)."""
-    import re
-
     from nanoseek.rl import grpo as grpo_module
-    from nanoseek.tasks import register_reward
 
-    def screen_reward(prompt, completion, fields):
-        number = int(re.search(r"Say word (\d+)", prompt).group(1))
-        return number % 2 + 0.5 * first_lower_reward(prompt, completion, fields)
-    register_reward("test_screen", screen_reward, overwrite=True)
     rolls = []
     sampled = grpo_module.sample_rollout
     monkeypatch.setattr(grpo_module, "sample_rollout", lambda *a, **k: rolls.append(sampled(*a, **k)) or rolls[-1])
-    cfg = run_cfg(init_ckpt, steps=1, prompts_per_step=3, screen_factor=4, reward="test_screen")
+    cfg = run_cfg(init_ckpt, steps=1, prompts_per_step=3, screen_factor=4, reward=SCREEN_REWARD)
     grpo(tmp_path / "run", **cfg, **QUIET)
 
     candidates = get_task(TASK).generate(problem_seed(0, 0), 12, 1)
@@ -680,7 +673,7 @@ def test_screening_trains_on_the_candidates_whose_greedy_answer_earns_least(init
     texts = [chat_prompt(tok, p) for p in candidates]
     greedy = Engine(model, tok).generate([tok.encode(t) for t in texts],
                                          [SamplingParams(temperature=0.0, max_tokens=cfg["max_tokens"])] * 12)
-    rewards = [screen_reward(t, c.text, p.fields) for t, c, p in zip(texts, greedy, candidates)]
+    rewards = [parity_first_lower_reward(t, c.text, p.fields) for t, c, p in zip(texts, greedy, candidates)]
     assert len(set(rewards)) > 1
     expected = sorted(range(12), key=rewards.__getitem__)[:3]
     assert [p.prompt for p in rolls[0].problems] == [candidates[i].prompt for i in expected]
