@@ -26,7 +26,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import datetime
-import gc
 import hashlib
 import json
 import os
@@ -137,19 +136,10 @@ def _set_current_device(device: torch.device) -> None:
 
 
 def shutdown() -> None:
-    """Leave the process group that :func:`init_distributed` created (no-op otherwise).
-
-    ``destroy_process_group`` shuts the backends down but only drops the registry's references:
-    a sharded model's device mesh still holds the process group, and FSDP modules sit in reference
-    cycles, so without a collection here the gloo backend's C++ object is destroyed during
-    interpreter finalization, where releasing its work objects can abort a process whose run
-    succeeded (pytorch/pytorch PR 179291 describes the mechanism; we saw it once as SIGABRT,
-    "terminate called without an active exception", after both ranks of tests/dist_helpers.py had
-    finished). Call it once the sharded models are out of scope (it runs at exit by itself)."""
+    """Leave the process group that :func:`init_distributed` created (no-op otherwise)."""
     global _STARTED_HERE
     if _STARTED_HERE and _on():
         torch.distributed.destroy_process_group()
-        gc.collect()
     _STARTED_HERE = False
 
 
