@@ -51,9 +51,12 @@ from nanoseek.train.sft import COLD_START_FILE, sft  # noqa: E402
 #: the student halves these of the teacher (experts and their routing kept)
 HALVED = ("hidden_size", "num_hidden_layers", "intermediate_size", "moe_intermediate_size", "kv_lora_rank",
           "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
-#: rejection sampling (R1 §2.3.3): problems, samples per problem, and how many cold-start examples
-#: ("the original data") are mixed into the SFT set
-RS_PROMPTS, RS_SAMPLES, RS_ORIGINAL = 256, 4, 256
+#: rejection sampling (R1 §2.3.3): problems, samples per problem, sampling temperature, and how
+#: many cold-start examples ("the original data") are mixed into the SFT set. One sample per problem:
+#: a correct worked solution is one deterministic text, so 4 samples of 256 problems left ~250
+#: distinct ones (and cost ~5 points); 1,024 × 1 at temperature 0.5 keeps 850-930 and costs ~2
+#: (docs/2026-11-28-r1-laptop.md, session 8)
+RS_PROMPTS, RS_SAMPLES, RS_TEMPERATURE, RS_ORIGINAL = 1024, 1, 0.5, 1024
 #: GRPO steps of the student's timing probe (then it resumes to the distillation's device time)
 PROBE_STEPS = 4
 #: the second GRPO round draws its problems from another run seed than the first
@@ -146,7 +149,7 @@ def run_seed(root: Path, seed: int, speedrun_dir: Path | None, log, preset: str 
         lines = (sr / "sft" / COLD_START_FILE).read_text().splitlines()[:RS_ORIGINAL]
         original.write_text("\n".join(lines) + "\n")
         distill(d, dict(sft_settings(), teacher=str(rl1), init_from=str(rl1), task=task, prompts=RS_PROMPTS,
-                        samples_per_prompt=RS_SAMPLES, temperature=1.0, max_tokens=p.grpo["max_tokens"],
+                        samples_per_prompt=RS_SAMPLES, temperature=RS_TEMPERATURE, max_tokens=p.grpo["max_tokens"],
                         data=[str(original)], **common), log=log)
     row("rs_sft", held_out_at(d), stage_seconds(d))
     d2 = root / "grpo2"
@@ -168,7 +171,7 @@ def run_seed(root: Path, seed: int, speedrun_dir: Path | None, log, preset: str 
     d = root / "student_distilled"
     if not done(d):
         distill(d, dict(sft_settings(), teacher=str(r1_final), init_from=str(student), task=task,
-                        prompts=RS_PROMPTS, samples_per_prompt=RS_SAMPLES, temperature=1.0,
+                        prompts=RS_PROMPTS, samples_per_prompt=RS_SAMPLES, temperature=RS_TEMPERATURE,
                         max_tokens=p.grpo["max_tokens"], **common), log=log)
     distill_seconds = stage_seconds(d)
     row("student_distilled", held_out_at(d), distill_seconds)
