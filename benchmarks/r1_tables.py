@@ -54,7 +54,7 @@ HALVED = ("hidden_size", "num_hidden_layers", "intermediate_size", "moe_intermed
 #: rejection sampling (R1 §2.3.3): problems, samples per problem, sampling temperature, and how
 #: many cold-start examples ("the original data") are mixed into the SFT set. One sample per problem:
 #: a correct worked solution is one deterministic text, so 4 samples of 256 problems left ~250
-#: distinct ones (and cost ~5 points); 1,024 × 1 at temperature 0.5 keeps 850-930 and costs ~2
+#: distinct ones (and cost ~5 points); 1,024 × 1 at temperature 0.5 keeps 800-930 and costs ~2
 #: (docs/2026-11-28-r1-laptop.md, session 8)
 RS_PROMPTS, RS_SAMPLES, RS_TEMPERATURE, RS_ORIGINAL = 1024, 1, 0.5, 1024
 #: GRPO steps of the student's timing probe (then it resumes to the distillation's device time)
