@@ -284,10 +284,10 @@ def test_grpo_on_two_processes_updates_like_one(tmp_path):
     """GRPO under torchrun: the global prompts split over the ranks, each samples its share with the
     full weights, one update over the global batch. Every rank screens all the step's candidates
     (``screen_factor`` 2) and keeps the problems one process keeps; step 1 samples exactly what one
-    process samples (same seeds per global prompt), so its screen and sample rewards are equal; the weight updates of 3 steps
-    (final - initial: AdamW moves every weight by about lr per step, so compare the updates, not the
-    weights) agree within 5% relative norm. A 2-process checkpoint resumes in one process and,
-    exactly, in two."""
+    process samples (same seeds per global prompt), so its screen and sample rewards are equal; the
+    weight updates of 3 steps (final - initial: AdamW moves every weight by about lr per step, so
+    compare the updates, not the weights) agree within 5% relative norm. A 2-process checkpoint
+    resumes in one process and, exactly, in two."""
     init = tiny_policy(tmp_path / "init")
     worker = str(Path(__file__).with_name("grpo_dist_worker.py"))
     one, two = tmp_path / "one", tmp_path / "two"
