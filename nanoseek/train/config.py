@@ -83,6 +83,9 @@ class TrainConfig(Settings):
     grad_accum: int = setting(1, "micro-batches per optimizer step", min=1)
     seq_len: int = setting(256, "tokens per sequence", min=1)
     # --- optimiser and schedules
+    optimizer: str = setting("adamw", "adamw, or muon: Muon on the hidden matrices, AdamW on the rest, same "
+                             "lr (nanoseek.train.muon)", choices=("adamw", "muon"))
+    muon_momentum: float = setting(0.95, "Muon's momentum (with --optimizer muon)", min=0, max=0.999999)
     lr: float = setting(3e-4, "peak learning rate", min=0, min_inclusive=False)
     min_lr: float | None = setting(None, "final learning rate of the cosine decay (unset: lr/10)", min=0)
     warmup_steps: int = setting(100, "linear warmup steps", min=0)

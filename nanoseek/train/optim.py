@@ -18,7 +18,10 @@ import math
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from .config import TrainConfig
+from .distributed import is_sharded
+from .muon import MuonAdamW, muon_param_names
 
 
 def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool = True) -> list[dict]:
@@ -67,17 +70,39 @@ def train_top_layers(model: nn.Module, n_layers: int) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)  # a tied weight counts once
 
 
-def build_optimizer(model: nn.Module, cfg, device: torch.device, lr: float | None = None) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg, device: torch.device, lr: float | None = None) -> torch.optim.Optimizer:
     """AdamW over :func:`param_groups` (trainable parameters only); ``fused`` on CUDA, ``foreach``
     elsewhere. ``cfg`` is any stage's config with ``weight_decay``, ``betas``, ``eps`` (and
-    ``decay_embeddings``, default True); ``lr`` defaults to the TrainConfig schedule's first value."""
+    ``decay_embeddings``, default True; ``optimizer = "muon"`` moves the hidden matrices to Muon,
+    :class:`~nanoseek.train.muon.MuonAdamW`); ``lr`` defaults to the TrainConfig schedule's first value."""
     groups = param_groups(model, cfg.weight_decay, getattr(cfg, "decay_embeddings", True))
+    lr = lr_at(0, cfg) if lr is None else lr
+    if getattr(cfg, "optimizer", "adamw") == "muon":
+        if is_sharded(model):
+            raise ConfigError("optimizer 'muon' needs whole matrices and does not support FSDP2-sharded models "
+                              "(torchrun) yet; use --optimizer adamw there")
+        return MuonAdamW(muon_groups(model, groups), lr=lr, betas=cfg.betas, eps=cfg.eps,
+                         momentum=cfg.muon_momentum, foreach=device.type != "cuda" or None)
     for g in groups:
         g.pop("names")
     groups = [g for g in groups if g["params"]]
     kwargs = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    lr = lr_at(0, cfg) if lr is None else lr
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, **kwargs)
+
+
+def muon_groups(model: nn.Module, groups: list[dict]) -> list[dict]:
+    """:func:`param_groups`' groups split into Muon's matrices (``muon=True``, one group per number
+    of stacked row ``blocks``) and the AdamW rest, empty groups dropped; ``names`` is consumed."""
+    on_muon = muon_param_names(model)
+    out = []
+    for g in groups:
+        named = list(zip(g["params"], g.pop("names")))
+        for blocks in sorted(set(on_muon.values())):
+            out.append({"params": [p for p, n in named if on_muon.get(n) == blocks],
+                        "weight_decay": g["weight_decay"], "muon": True, "blocks": blocks})
+        out.append({"params": [p for p, n in named if n not in on_muon], "weight_decay": g["weight_decay"],
+                    "muon": False})
+    return [g for g in out if g["params"]]
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

@@ -1,0 +1,135 @@
+"""Muon (``--optimizer muon``): the Newton-Schulz orthogonalisation, the update rule, which parameters
+it takes, exact resume of its state, and a run through the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import nanoseek
+from nanoseek.train.checkpoint import restore_optimizer, save_checkpoint
+from nanoseek.train.config import TrainConfig
+from nanoseek.train.muon import MuonAdamW, muon_param_names, orthogonalize
+from nanoseek.train.optim import build_optimizer
+
+from test_pretrain import COMMON, make_corpus, read_metrics, run_cli
+
+
+@pytest.mark.parametrize("shape", [(32, 32), (48, 16), (16, 48), (3, 24, 40)])
+def test_orthogonalize_flattens_the_spectrum_and_keeps_the_singular_vectors(shape):
+    g = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    g = g * torch.logspace(-1, 0.5, shape[-1])  # column scales over 1.5 decades
+    o = orthogonalize(g)
+    assert o.shape == g.shape and o.dtype == g.dtype
+    s = torch.linalg.svdvals(o)
+    assert s.min() > 0.5 and s.max() < 1.3, s  # quintic NS: ~U Vᵀ up to singular values in ~[0.7, 1.2]
+    u, _, vh = torch.linalg.svd(g, full_matrices=False)
+    # same singular vectors: o ≈ U diag(s') Vᵀ with s' near 1, so Uᵀ o V is diagonal-dominant
+    core = u.mT @ o @ vh.mT
+    off = core - torch.diag_embed(torch.diagonal(core, dim1=-2, dim2=-1))
+    assert off.abs().max() < 0.05 * torch.diagonal(core, dim1=-2, dim2=-1).abs().min()
+
+
+def test_orthogonalize_treats_each_stacked_expert_on_its_own():
+    g = torch.randn(4, 12, 20, generator=torch.Generator().manual_seed(1))
+    g[2] *= 1000.0  # a large expert must not shrink the others' updates
+    o = orthogonalize(g)
+    for e in range(4):
+        torch.testing.assert_close(o[e], orthogonalize(g[e]), rtol=1e-5, atol=1e-5)
+
+
+def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
+    model = nanoseek.DeepSeekV3(nanoseek.get_preset("tiny").replace(num_nextn_predict_layers=1))
+    names = muon_param_names(model)
+    assert "model.embed_tokens.weight" not in names and "lm_head.weight" not in names
+    assert not any("norm" in n for n in names)
+    for want in ("self_attn.kv_b_proj.weight", "mlp.experts.gate_up_proj", "mlp.experts.down_proj",
+                 "mlp.gate.weight", "eh_proj.weight"):
+        assert any(n.endswith(want) for n in names), want
+    assert {n for n, blocks in names.items() if blocks == 2} == {n for n in names if n.endswith("gate_up_proj")}
+    opt = build_optimizer(model, TrainConfig(preset="tiny", optimizer="muon", weight_decay=0.1), torch.device("cpu"))
+    assert isinstance(opt, MuonAdamW)
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    for group in opt.param_groups:
+        group_names = {by_id[id(p)] for p in group["params"]}
+        assert group_names <= names.keys() if group["muon"] else not group_names & names.keys()
+        if group["muon"]:
+            assert all(names[n] == group["blocks"] for n in group_names)
+        if not group["muon"] and any("norm" in n for n in group_names):
+            assert group["weight_decay"] == 0.0
+    assert sum(len(g["params"]) for g in opt.param_groups) == len({id(p) for p in model.parameters()})
+
+
+def test_muon_step_follows_the_update_rule_and_the_rest_is_adamw():
+    torch.manual_seed(0)
+    w, b = torch.nn.Parameter(torch.randn(24, 16)), torch.nn.Parameter(torch.randn(16))
+    b_ref = torch.nn.Parameter(b.detach().clone())
+    lr, wd, mu = 0.02, 0.1, 0.9
+    opt = MuonAdamW([{"params": [w], "weight_decay": wd, "muon": True},
+                     {"params": [b], "weight_decay": 0.0, "muon": False}], lr=lr, momentum=mu)
+    ref = torch.optim.AdamW([b_ref], lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+    expected = w.detach().clone()
+    buf = torch.zeros_like(expected)
+    for step in range(3):
+        gw, gb = torch.randn(24, 16), torch.randn(16)
+        w.grad, b.grad, b_ref.grad = gw.clone(), gb.clone(), gb.clone()
+        opt.step()
+        ref.step()
+        buf = mu * buf + gw
+        expected = expected * (1 - lr * wd) - lr * 0.2 * math.sqrt(24) * orthogonalize(gw + mu * buf)
+        torch.testing.assert_close(w.detach(), expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b.detach(), b_ref.detach(), rtol=0, atol=0)
+
+
+def test_a_fused_gate_up_tensor_is_orthogonalised_as_its_two_matrices():
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.zeros(3, 2 * 8, 12))  # [E, 2I, H]: gate rows, then up rows
+    opt = MuonAdamW([{"params": [w], "weight_decay": 0.0, "muon": True, "blocks": 2}], lr=1.0, momentum=0.0)
+    w.grad = torch.randn(3, 16, 12)
+    w.grad[:, 8:] *= 100.0  # the up half's gradient is far larger; the gate half must still move as much
+    opt.step()
+    want = -0.2 * math.sqrt(12) * torch.cat([orthogonalize(w.grad[:, :8]), orthogonalize(w.grad[:, 8:])], dim=1)
+    torch.testing.assert_close(w.detach(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_muon_state_survives_a_checkpoint_exactly(tmp_path):
+    def batch(i):
+        return torch.randint(0, 512, (2, 17), generator=torch.Generator().manual_seed(i))
+
+    def step(model, opt, i):
+        ids = batch(i)
+        model(ids[:, :-1], labels=ids[:, 1:]).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    cfg = TrainConfig(preset="tiny", optimizer="muon", lr=1e-2)
+    torch.manual_seed(0)
+    model = nanoseek.DeepSeekV3(nanoseek.get_preset("tiny"))
+    opt = build_optimizer(model, cfg, torch.device("cpu"))
+    for i in range(2):
+        step(model, opt, i)
+    path = save_checkpoint(tmp_path, 2, model, opt, {}, None)
+    resumed = nanoseek.load(path / "model")
+    opt2 = build_optimizer(resumed, cfg, torch.device("cpu"))
+    restore_optimizer(opt2, path)
+    for i in range(2, 4):
+        step(model, opt, i)
+        step(resumed, opt2, i)
+    for name, t in model.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], t), name
+
+
+def test_pretrain_with_muon_through_the_cli(tmp_path):
+    run = tmp_path / "muon"
+    res = run_cli("pretrain", *COMMON, "--data", str(make_corpus(tmp_path / "corpus.txt")), "--out", str(run),
+                  "--optimizer", "muon")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    steps = [m for m in read_metrics(run) if m["action"] in ("ok", "warn")]
+    assert steps[-1]["lm_loss"] < steps[0]["lm_loss"] - 0.5, (steps[0]["lm_loss"], steps[-1]["lm_loss"])
+    assert json.loads((run / "train_config.json").read_text())["optimizer"] == "muon"
+    meta = json.loads(next((run / "checkpoints").glob("step_*/optimizer.json")).read_text())
+    assert [(g["muon"], g.get("blocks")) for g in meta["param_groups"]] == [
+        (True, 1), (True, 2), (False, 1), (False, 1)]
