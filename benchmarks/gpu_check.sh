@@ -20,13 +20,13 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 if [ "$MODE" = "--smoke" ]; then
     TESTS=(tests/test_cuda.py)   # skipped on the CPU: checks the wiring only
-    TRAIN=(--preset tiny --steps 2 --warmup 1 --device cpu --peak-size 256 --impls nanoseek,nanoseek-fp8,transformers)
+    TRAIN=(--preset tiny --steps 2 --warmup 1 --device cpu --peak-size 256 --impls nanoseek,nanoseek-fp8,nanoseek-muon,transformers)
     DECODE=(--preset tiny --steps 1 --warmup 1 --device cpu --mtp --batch-sizes 1,2 --impls nanoseek,nanoseek-mtp,transformers)
     LIMITS=(120 240 240)
 else
     TESTS=(tests/test_cuda.py tests/test_engine.py tests/test_model.py tests/test_fp8_training.py)
     TRAIN=(--preset bench --batch-size 8 --seq-len 2048 --steps 8 --warmup 3 --fp8
-           --impls nanoseek,nanoseek-compiled,nanoseek-fp8,transformers)
+           --impls nanoseek,nanoseek-compiled,nanoseek-fp8,nanoseek-muon,transformers)
     DECODE=(--preset bench --prompt-len 128 --new-tokens 128 --batch-sizes 1,32 --mtp --steps 3 --warmup 2)
     LIMITS=(120 200 200)
 fi

@@ -7,6 +7,8 @@ device supports it, plain float32 on the CPU), backward, gradient clipping at 1.
 where this torch supports it for the device, else foreach; β = (0.9, 0.95), weight decay 0.1).
 transformers runs with ``attn_implementation="sdpa"`` and ``experts_implementation="grouped_mm"``
 (transformers ≥ 5 has that switch; its default falls back to eager where grouped_mm cannot run).
+The ``nanoseek-muon`` row (``--impls``) runs the same step with ``--optimizer muon``
+(``nanoseek/train/muon.py``), to show what its Newton-Schulz iterations cost per step.
 The MTP modules are left out by default (transformers has none); ``--mtp`` keeps them in nanoseek,
 and its FLOPs then count them.
 
@@ -49,7 +51,7 @@ from nanoseek.device import autocast_dtype, pick_device  # noqa: E402
 from nanoseek.info import training_flops_per_token  # noqa: E402
 
 DEFAULT_SHAPES = {"tiny": (2, 32), "small": (4, 256), "bench": (8, 2048)}
-IMPLS = ("nanoseek", "nanoseek-compiled", "nanoseek-fp8", "transformers")
+IMPLS = ("nanoseek", "nanoseek-compiled", "nanoseek-fp8", "nanoseek-muon", "transformers")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -94,7 +96,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def make_optimizer(model: torch.nn.Module, device: torch.device, lr: float) -> tuple[torch.optim.Optimizer, str]:
+def make_optimizer(model: torch.nn.Module, device: torch.device, lr: float,
+                   muon: bool = False) -> tuple[torch.optim.Optimizer, str]:
+    if muon:  # nanoseek's own choice of groups: Muon on the hidden matrices, AdamW on the rest
+        from nanoseek.train.config import TrainConfig
+        from nanoseek.train.optim import build_optimizer
+
+        return build_optimizer(model, TrainConfig(optimizer="muon", lr=lr), device, lr=lr), "muon + adamw"
     params = [p for p in model.parameters() if p.requires_grad]
     for kind, kwargs in (("fused", {"fused": True}), ("foreach", {"foreach": True})):
         try:
@@ -115,10 +123,11 @@ def batches(cfg, n: int, batch: int, seq: int, seed: int, device: torch.device) 
 
 
 def run_one(name: str, model: torch.nn.Module, step_loss, data, args, device, amp, compile: bool) -> dict:
-    """Warm-up then timed steps of ``step_loss`` (forward + loss) + backward + clip + AdamW.
+    """Warm-up then timed steps of ``step_loss`` (forward + loss) + backward + clip + AdamW (Muon for
+    ``nanoseek-muon``).
     ``first_step_s`` is the first step's time (where ``torch.compile`` compiles)."""
     model.train()
-    opt, opt_kind = make_optimizer(model, device, args.lr)
+    opt, opt_kind = make_optimizer(model, device, args.lr, muon=name == "nanoseek-muon")
     forward = torch.compile(model) if compile else model
     times, losses, first = [], [], None
     with PeakMemory(device) as mem:

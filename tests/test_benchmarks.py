@@ -51,7 +51,7 @@ def load(gpu_check, name: str) -> dict:
 def test_train_throughput_smoke(gpu_check):
     data = load(gpu_check, "train")
     rows = {r["impl"]: r for r in data["rows"]}
-    assert set(rows) == {"nanoseek", "nanoseek-fp8", "transformers"}
+    assert set(rows) == {"nanoseek", "nanoseek-fp8", "nanoseek-muon", "transformers"}
     for r in rows.values():
         assert r["tokens_per_s"] > 0 and r["tflops"] > 0 and r["peak_mem_bytes"] > 0
         assert r["ratio_vs_transformers"] > 0 and r["mfu"] > 0
@@ -60,6 +60,9 @@ def test_train_throughput_smoke(gpu_check):
     # same weights, same batch, same targets: the same loss before the first update
     assert rows["nanoseek"]["loss_first"] == pytest.approx(rows["transformers"]["loss_first"], rel=1e-4)
     assert rows["nanoseek-fp8"]["loss_first"] == pytest.approx(rows["nanoseek"]["loss_first"], rel=1e-2)
+    # the optimizer only acts after the first loss
+    assert rows["nanoseek-muon"]["loss_first"] == rows["nanoseek"]["loss_first"]
+    assert rows["nanoseek-muon"]["optimizer"] == "muon + adamw" and rows["nanoseek"]["optimizer"] != "muon + adamw"
     assert data["precision"] == "fp32" and data["peak_tflops"] > 0
     for key in ("date", "device", "commit", "command"):
         assert data[key]
