@@ -65,7 +65,7 @@ def cmd_speedrun(args: argparse.Namespace) -> int:
     out = args.out or Path("runs") / f"speedrun-{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_speedrun(out, preset=args.preset, seed=args.seed, device=args.device,
                  price_per_device_hour=args.price_per_hour, answer_only_fraction=args.answer_only,
-                 compile=args.compile, extend=args.extend, mtp=args.mtp)
+                 compile=args.compile, extend=args.extend, mtp=args.mtp, optimizer=args.optimizer)
     return 0
 
 
@@ -138,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="give the model V3's multi-token-prediction module (--mtp) or not (--no-mtp); default: "
                         "the preset's (cpu: off, since at this scale it costs 46%% more time per step for no "
                         "better loss, see README; with it the final model drafts for speculative decoding)")
+    p.add_argument("--optimizer", choices=("adamw", "muon"), default=None,
+                   help="the pretraining stage's optimizer (default adamw, V3's; muon: Muon on the hidden "
+                        "matrices, AdamW on the rest, nanoseek/train/muon.py; at the cpu preset's 1,600 steps it costs "
+                        "~1.3x the time per step, see README)")
     p.set_defaults(handler=cmd_speedrun)
 
     p = sub.add_parser("report", help="cost and quality report card (report.md + plots) of a run directory")

@@ -200,11 +200,11 @@ class _Clock:
 def run_speedrun(out: str | Path, preset: str = "cpu", seed: int = 0, device: str = "auto",
                  price_per_device_hour: float = 2.0, log: Callable[[str], None] = print,
                  answer_only_fraction: float | None = None, compile: bool = False, extend: bool = False,
-                 mtp: bool | None = None) -> dict:
+                 mtp: bool | None = None, optimizer: str | None = None) -> dict:
     """Run every stage into ``out``; returns the summary (also written to ``out/summary.json``).
     ``answer_only_fraction`` replaces the preset's :attr:`SpeedrunPreset.answer_only_fraction`;
     ``mtp`` gives the model one multi-token-prediction module (True) or none (False) whatever the
-    preset says;
+    preset says; ``optimizer`` (``adamw`` / ``muon``) replaces the pretraining stage's optimizer;
     ``compile`` runs every training step and every decode step through ``torch.compile``; ``extend``
     adds the context-extension stage (:attr:`SpeedrunPreset.extend`) between pretraining and SFT."""
 
@@ -217,6 +217,8 @@ def run_speedrun(out: str | Path, preset: str = "cpu", seed: int = 0, device: st
         p = dataclasses.replace(p, answer_only_fraction=answer_only_fraction)
     if mtp is not None:
         p = dataclasses.replace(p, model=dict(p.model, num_nextn_predict_layers=int(mtp)))
+    if optimizer is not None:
+        p = dataclasses.replace(p, pretrain=dict(p.pretrain, optimizer=optimizer))
     run = Path(out).expanduser().resolve()
     if (run / SUMMARY_FILE).exists():
         raise NanoseekError(f"{run} already holds a finished speedrun ({SUMMARY_FILE}); choose another --out")
