@@ -15,8 +15,10 @@ matches AdamW's typical update RMS (eq. 4 there), so AdamW's learning rate and s
 
 Which parameters: every matrix inside the decoder (attention and MLP projections, each routed
 expert's matrices separately — the stacked [E, A, B] tensors are orthogonalised per expert, and the
-fused gate/up tensor as its two matrices — the router weights and the MTP projection). The token embedding, the output head and every 1-D
-parameter (RMSNorm scales, biases) stay on AdamW, as Muon's authors and Moonlight do.
+fused gate/up tensor as its two matrices — the router weights and the MTP projection). The token
+embedding, the output head and every 1-D parameter (RMSNorm scales, biases) stay on AdamW, as Muon's
+authors and Moonlight do. Measured against AdamW on the cpu speedrun: benchmarks/RESULTS.md, "Muon for
+pretraining"; docs/2026-11-29-muon.md.
 
 Limits: the orthogonalisation needs whole matrices, so :func:`~nanoseek.train.optim.build_optimizer`
 refuses Muon for FSDP2-sharded models (torchrun) with a clear error. The Newton-Schulz products run
