@@ -133,3 +133,13 @@ def test_pretrain_with_muon_through_the_cli(tmp_path):
     meta = json.loads(next((run / "checkpoints").glob("step_*/optimizer.json")).read_text())
     assert [(g["muon"], g.get("blocks")) for g in meta["param_groups"]] == [
         (True, 1), (True, 2), (False, 1), (False, 1)]
+
+
+def test_muon_is_refused_for_a_sharded_model_with_a_clear_error(monkeypatch):
+    import nanoseek.train.optim as optim
+
+    model = nanoseek.DeepSeekV3(nanoseek.get_preset("tiny"))
+    monkeypatch.setattr(optim, "is_sharded", lambda m: m is model)  # as FSDP2 would leave it
+    with pytest.raises(nanoseek.ConfigError, match="muon.*FSDP2.*--optimizer adamw"):
+        build_optimizer(model, TrainConfig(preset="tiny", optimizer="muon"), torch.device("cpu"))
+    assert isinstance(build_optimizer(model, TrainConfig(preset="tiny"), torch.device("cpu")), torch.optim.AdamW)
