@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("speedrun", help="the whole R1 recipe on synthetic verifiable tasks: pretrain, SFT, GRPO, "
                                         "eval, report card")
-    p.add_argument("--preset", default="cpu", help="cpu (default, ~14 min on 2 cores), gpu-small, or tiny (smoke)")
+    p.add_argument("--preset", default="cpu", help="cpu (default, 8-10 min on 2 AVX-512 cores), gpu-small, or tiny (smoke)")
     p.add_argument("--out", type=Path, default=None, help="run directory (default runs/speedrun-PRESET-TIME)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cuda, xpu, npu, mps or cpu")
@@ -132,8 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "evaluations (off by default: on 2 CPU cores compiling costs more than it saves; see README)")
     p.add_argument("--extend", action="store_true",
                    help="add YaRN context extension after pretraining (V3 report 4.3; cpu: 256 -> 1024 tokens, "
-                        "40 steps, about 3 more minutes with its evaluation; off by default: the cpu preset already "
-                        "takes longer than the 15 minutes it aims at)")
+                        "40 steps, 1-3 more minutes with its evaluation; off by default: it adds nothing to the "
+                        "preset's task, whose problems fit in 256 tokens)")
     p.add_argument("--mtp", action=argparse.BooleanOptionalAction, default=None,
                    help="give the model V3's multi-token-prediction module (--mtp) or not (--no-mtp); default: "
                         "the preset's (cpu: off, since at this scale it costs 46%% more time per step for no "
