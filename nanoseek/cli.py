@@ -140,8 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "better loss, see README; with it the final model drafts for speculative decoding)")
     p.add_argument("--optimizer", choices=("adamw", "muon"), default=None,
                    help="the pretraining stage's optimizer (default: the preset's; cpu and tiny: muon, Muon on the "
-                        "hidden matrices and AdamW on the rest, nanoseek/train/muon.py, ~1.45x AdamW's time per step "
-                        "on 2 CPU cores for a far stronger base model; gpu-small: adamw, V3's; see README)")
+                        "hidden matrices and AdamW on the rest, nanoseek/train/muon.py, ~1.4x AdamW's pretraining "
+                        "time on 2 CPU cores for a far stronger base model; gpu-small: adamw, V3's; see README)")
     p.set_defaults(handler=cmd_speedrun)
 
     p = sub.add_parser("report", help="cost and quality report card (report.md + plots) of a run directory")

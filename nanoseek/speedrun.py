@@ -86,8 +86,9 @@ PRESETS: dict[str, SpeedrunPreset] = {
         # per token take the same ~3.3M tokens from 57% to 78% held-out on seed 0
         # (docs/2026-11-28-r1-laptop.md). `--mtp` and `--answer-only 0.6` bring back V3's MTP and
         # R1-Zero's mixed habits. Pretraining uses Muon, not V3's AdamW (`--optimizer adamw` brings it
-        # back): the same 1,600 steps take the base model from 79.8 / 85.4 / 78.4% to 96.6 / 94.8 /
-        # 93.2% held-out on seeds 0-2 for ~1.45x the pretraining time (docs/2026-11-29-muon.md).
+        # back): on one machine the same 1,600 steps take the base model from 86.6 / 77.2 / 69.8% to
+        # 97.4 / 94.8 / 93.2% held-out on seeds 0-2 for ~1.36x the pretraining time
+        # (docs/2026-11-29-muon.md).
         name="cpu", task="arithmetic", difficulty=2, model=dict(_CPU_MODEL, num_nextn_predict_layers=0),
         corpus_problems=40000, vocab_size=512,
         pretrain=dict(max_steps=1600, batch_size=8, seq_len=256, lr=3e-3, warmup_steps=60, optimizer="muon",

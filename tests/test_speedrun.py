@@ -94,9 +94,9 @@ def test_answer_only_override_is_checked_before_any_work(tmp_path, capsys):
 
 def test_extend_adds_the_context_extension_stage(tmp_path):
     """``--extend``: YaRN extension between pretraining and SFT, scored and costed as its own stage,
-    and the SFT starts from the extended model. (``--no-mtp`` rides along: the tiny preset has an MTP
-    module, and the flag removes it from every stage's model; ``--optimizer adamw`` too, which replaces
-    the preset's Muon in the pretraining stage only.)"""
+    and the SFT starts from the extended model. (Two flags ride along: the tiny preset has an MTP
+    module, and ``--no-mtp`` removes it from every stage's model; ``--optimizer adamw`` replaces the
+    preset's Muon in the pretraining stage only.)"""
     run = tmp_path / "run"
     res = subprocess.run([sys.executable, "-m", "nanoseek", "speedrun", "--preset", "tiny", "--out", str(run),
                           "--device", "cpu", "--extend", "--no-mtp", "--optimizer", "adamw"], capture_output=True,
