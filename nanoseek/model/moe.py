@@ -175,7 +175,7 @@ class RoutedExperts(nn.Module):
         gate, up = self.expert_matmul(xs, self.gate_up_proj, counts).chunk(2, dim=-1)
         ys = self.expert_matmul(F.silu(gate) * up, self.down_proj, counts)
         ys = ys * routing.weights.reshape(-1)[order].unsqueeze(-1).to(ys.dtype)
-        out = torch.zeros_like(x).index_add_(0, token_of, ys)
+        out = torch.zeros_like(x).index_add_(0, token_of, ys.to(x.dtype))  # FP8 GEMMs return autocast's dtype
         return out, counts
 
     def gathered(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
