@@ -80,8 +80,8 @@ def settings(smoke: bool, steps: int | None) -> dict:
     s = dict(model=dict(cpu.model, num_nextn_predict_layers=1), vocab=cpu.vocab_size, corpus=cpu.corpus_problems,
              difficulty=cpu.difficulty,
              # batches of 16 × 256 and 30 warm-up steps, as recorded (the cpu preset's before it went to 8 × 256),
-             # and V3's AdamW (the preset's pretraining went to Muon after these studies)
-             pretrain=dict(cpu.pretrain, optimizer="adamw", max_steps=steps or (3 if smoke else 120),
+             # V3's AdamW (the preset's pretraining went to Muon after these studies), in float32
+             pretrain=dict(cpu.pretrain, optimizer="adamw", precision="float32", max_steps=steps or (3 if smoke else 120),
                            **({} if smoke else dict(batch_size=16, warmup_steps=30))),
              sft=dict(cpu.sft), eval_n=8 if smoke else 200, eval_max_tokens=cpu.eval_max_tokens,
              kind_problems=16 if smoke else 200)

@@ -214,7 +214,8 @@ def run_transformers(model, prompts, args, device, dtype) -> tuple[list[dict], d
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = pick_device(args.device)
-    dtype = autocast_dtype(device) or torch.float32
+    # float32 on the CPU, as the engine serves there (training's auto precision may pick bf16 on some CPUs)
+    dtype = torch.float32 if device.type == "cpu" else autocast_dtype(device) or torch.float32
     info = header(device)
     model, tok, prompts, workload = load_workload(args, device, dtype)
     has_mtp = len(model.mtp) > 0

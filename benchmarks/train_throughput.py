@@ -2,8 +2,8 @@
 
 Both models are built from the SAME config with the SAME weights (transformers gets nanoseek's
 initial state dict; the state-dict keys coincide), see the same random token batches, and run the
-same step: forward with loss (mixed precision: bf16 autocast over float32 master weights where the
-device supports it, plain float32 on the CPU), backward, gradient clipping at 1.0, AdamW (fused
+same step: forward with loss (``--precision``, as training's setting: by default bf16 autocast over
+float32 master weights where the chip computes in bf16 natively, else plain float32), backward, gradient clipping at 1.0, AdamW (fused
 where this torch supports it for the device, else foreach; β = (0.9, 0.95), weight decay 0.1).
 transformers runs with ``attn_implementation="sdpa"`` and ``experts_implementation="grouped_mm"``
 (transformers ≥ 5 has that switch; its default falls back to eager where grouped_mm cannot run).
@@ -16,8 +16,8 @@ Reported per implementation: tokens/s (batch × seq over the MEDIAN timed step),
 (tokens/s × FLOPs/token of ``nanoseek.info.training_flops_per_token``, the PaLM / nanoGPT
 convention: 6 × matmul parameters touched per token, LM head in, embedding out,
 + 6·L·H·T·(qk_head_dim + v_head_dim) attention over the full square), MFU against
-``--peak-tflops`` (default: measured here, a bf16 8192³ matmul on accelerators, a float32 4096³ one
-on the CPU, the dtype the benchmark computes in), peak memory (``torch.cuda.max_memory_allocated`` on
+``--peak-tflops`` (default: measured here, an 8192³ matmul on accelerators, a 4096³ one on the CPU,
+in the dtype the benchmark computes in), peak memory (``torch.cuda.max_memory_allocated`` on
 CUDA, sampled process RSS elsewhere) and the ratio to transformers' tokens/s.
 
     python benchmarks/train_throughput.py --preset bench --batch-size 8 --seq-len 2048 \\
@@ -46,7 +46,7 @@ from common import (  # noqa: E402
     median,
     write_json,
 )
-from nanoseek.config import get_preset  # noqa: E402
+from nanoseek.config import PRECISIONS, get_preset  # noqa: E402
 from nanoseek.device import autocast_dtype, pick_device  # noqa: E402
 from nanoseek.info import training_flops_per_token  # noqa: E402
 
@@ -71,8 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"comma list from {', '.join(IMPLS)} (default: nanoseek,nanoseek-compiled,transformers; "
                         "--fp8 adds nanoseek-fp8)")
     p.add_argument("--mtp", action="store_true", help="keep the preset's MTP modules in nanoseek")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16-autocast"],
-                   help="auto: bf16 autocast where the device supports it, else float32")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="as training's setting (nanoseek.device.autocast_dtype): auto = bf16 autocast where the "
+                        "chip computes in it natively (recent GPUs, CPUs with AVX512-BF16/AMX), else float32")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="MFU denominator; default: measured matmul peak of this device")
     p.add_argument("--peak-size", type=int, default=None, help="matmul size for the peak (default 8192, CPU 4096)")
@@ -96,13 +97,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def make_optimizer(model: torch.nn.Module, device: torch.device, lr: float,
+def make_optimizer(model: torch.nn.Module, device: torch.device, lr: float, precision: str,
                    muon: bool = False) -> tuple[torch.optim.Optimizer, str]:
     if muon:  # nanoseek's own choice of groups: Muon on the hidden matrices, AdamW on the rest
         from nanoseek.train.config import TrainConfig
         from nanoseek.train.optim import build_optimizer
 
-        return build_optimizer(model, TrainConfig(optimizer="muon", lr=lr), device, lr=lr), "muon + adamw"
+        cfg = TrainConfig(optimizer="muon", lr=lr, precision=precision)  # Newton-Schulz in the step's dtype
+        return build_optimizer(model, cfg, device, lr=lr), "muon + adamw"
     params = [p for p in model.parameters() if p.requires_grad]
     for kind, kwargs in (("fused", {"fused": True}), ("foreach", {"foreach": True})):
         try:
@@ -127,7 +129,7 @@ def run_one(name: str, model: torch.nn.Module, step_loss, data, args, device, am
     ``nanoseek-muon``).
     ``first_step_s`` is the first step's time (where ``torch.compile`` compiles)."""
     model.train()
-    opt, opt_kind = make_optimizer(model, device, args.lr, muon=name == "nanoseek-muon")
+    opt, opt_kind = make_optimizer(model, device, args.lr, args.precision, muon=name == "nanoseek-muon")
     forward = torch.compile(model) if compile else model
     times, losses, first = [], [], None
     with PeakMemory(device) as mem:
@@ -153,12 +155,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     device = pick_device(args.device)
     torch.manual_seed(args.seed)
-    if args.precision == "fp32":
-        amp = None
-    elif args.precision == "bf16-autocast":
-        amp = torch.bfloat16
-    else:
-        amp = autocast_dtype(device)
+    amp = autocast_dtype(device, args.precision)
     compute_dtype = amp or torch.float32
 
     cfg = get_preset(args.preset)

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from .config import PRECISIONS
 from .errors import NanoseekError
 
 # --------------------------------------------------------------------------- handlers
@@ -65,7 +66,8 @@ def cmd_speedrun(args: argparse.Namespace) -> int:
     out = args.out or Path("runs") / f"speedrun-{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_speedrun(out, preset=args.preset, seed=args.seed, device=args.device,
                  price_per_device_hour=args.price_per_hour, answer_only_fraction=args.answer_only,
-                 compile=args.compile, extend=args.extend, mtp=args.mtp, optimizer=args.optimizer)
+                 compile=args.compile, extend=args.extend, mtp=args.mtp, optimizer=args.optimizer,
+                 precision=args.precision)
     return 0
 
 
@@ -142,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the pretraining stage's optimizer (default: the preset's; cpu and tiny: muon, Muon on the "
                         "hidden matrices and AdamW on the rest, nanoseek/train/muon.py, ~1.4x AdamW's pretraining "
                         "time on 2 CPU cores for a far stronger base model; gpu-small: adamw, V3's; see README)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="the training stages' compute dtype (default auto: bf16 autocast where the chip computes in "
+                        "it natively -- recent GPUs, CPUs with AVX512-BF16 or AMX -- else float32)")
     p.set_defaults(handler=cmd_speedrun)
 
     p = sub.add_parser("report", help="cost and quality report card (report.md + plots) of a run directory")

@@ -20,6 +20,8 @@ from .errors import ConfigError
 # model_type values whose checkpoints use the DeepSeek-V3 architecture (Moonlight uses deepseek_v3).
 SUPPORTED_MODEL_TYPES = ("deepseek_v3", "kimi_k2")
 SUPPORTED_ROPE_TYPES = ("default", "yarn")
+#: a training run's compute dtype (``precision`` setting; resolved by :func:`nanoseek.device.autocast_dtype`)
+PRECISIONS = ("auto", "float32", "bfloat16")
 # Keys that only make sense for the source checkpoint and must not be written into ours:
 # remote-code pointers (we are not that code) and the FP8 recipe (we save dequantised weights).
 _DROP_ON_SAVE = ("auto_map", "quantization_config", "transformers_version", "torch_dtype", "dtype")

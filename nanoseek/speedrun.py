@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .config import get_preset
-from .device import device_name, pick_device
+from .device import autocast_dtype, device_name, pick_device
 from .errors import NanoseekError
 from .hf import load_with_tokenizer
 from .infer.engine import Engine
@@ -203,11 +203,13 @@ class _Clock:
 def run_speedrun(out: str | Path, preset: str = "cpu", seed: int = 0, device: str = "auto",
                  price_per_device_hour: float = 2.0, log: Callable[[str], None] = print,
                  answer_only_fraction: float | None = None, compile: bool = False, extend: bool = False,
-                 mtp: bool | None = None, optimizer: str | None = None) -> dict:
+                 mtp: bool | None = None, optimizer: str | None = None, precision: str = "auto") -> dict:
     """Run every stage into ``out``; returns the summary (also written to ``out/summary.json``).
     ``answer_only_fraction`` replaces the preset's :attr:`SpeedrunPreset.answer_only_fraction`;
     ``mtp`` gives the model one multi-token-prediction module (True) or none (False) whatever the
     preset says; ``optimizer`` (``adamw`` / ``muon``) replaces the pretraining stage's optimizer;
+    ``precision`` is the training stages' compute dtype (:func:`nanoseek.device.autocast_dtype`; GRPO's
+    one-layer updates stay float32);
     ``compile`` runs every training step and every decode step through ``torch.compile``; ``extend``
     adds the context-extension stage (:attr:`SpeedrunPreset.extend`) between pretraining and SFT."""
 
@@ -227,6 +229,7 @@ def run_speedrun(out: str | Path, preset: str = "cpu", seed: int = 0, device: st
         raise NanoseekError(f"{run} already holds a finished speedrun ({SUMMARY_FILE}); choose another --out")
     run.mkdir(parents=True, exist_ok=True)
     dev = pick_device(device)
+    training_precision = str(autocast_dtype(dev, precision) or "float32").replace("torch.", "")
     clock = _Clock(dev.type, device_name(dev), price_per_device_hour)
     setup = _Clock(dev.type, device_name(dev), price_per_device_hour)
 
@@ -264,12 +267,13 @@ def run_speedrun(out: str | Path, preset: str = "cpu", seed: int = 0, device: st
 
     validation: dict[str, float] = {}
     common = dict(seed=seed, device=device, price_per_device_hour=price_per_device_hour, compile=compile)
+    trained = dict(common, precision=precision)  # the TrainConfig stages
     n_stages = 4 if extend else 3
     log(f"speedrun: stage 1/{n_stages}: pretrain")
     model_config = run / "model_config.json"
     get_preset("small").replace(vocab_size=p.vocab_size, **p.model).save(model_config)
     timed_stage("pretrain", pretrain, run / "pretrain",
-                dict(config=str(model_config), data=[str(corpus)], vocab_size=p.vocab_size, **p.pretrain, **common),
+                dict(config=str(model_config), data=[str(corpus)], vocab_size=p.vocab_size, **p.pretrain, **trained),
                 log=log)
     results = {"pretrain": held_out("pretrain", run / "pretrain" / "final", base_prompt)}
     base = run / "pretrain" / "final"
@@ -277,7 +281,7 @@ def run_speedrun(out: str | Path, preset: str = "cpu", seed: int = 0, device: st
         log(f"speedrun: stage 2/{n_stages}: context extension (YaRN ×{p.extend['factor']:g})")
         timed_stage("extend", extend_context, run / "extend",
                     dict(init_from=str(base), data=[str(corpus)], original_max_position_embeddings=p.pretrain["seq_len"],
-                         **p.extend, **common), log=log)
+                         **p.extend, **trained), log=log)
         base = run / "extend" / "final"
         results["extend"] = held_out("extend", base, base_prompt)
 
@@ -287,7 +291,7 @@ def run_speedrun(out: str | Path, preset: str = "cpu", seed: int = 0, device: st
     timed_stage("sft", sft, run / "sft", dict(init_from=str(base),
                                               cold_start=[f"{p.task}:{p.difficulty}"], cold_start_n=cold_n,
                                               cold_start_answer_only=p.answer_only_fraction,
-                                              **sft_cfg, **common), log=log)
+                                              **sft_cfg, **trained), log=log)
     results["sft"] = held_out("sft", run / "sft" / "final")
 
     log(f"speedrun: stage {n_stages}/{n_stages}: GRPO")
@@ -307,7 +311,8 @@ def run_speedrun(out: str | Path, preset: str = "cpu", seed: int = 0, device: st
     _merge_jsonl([d / "incidents.jsonl" for d in stage_dirs], run / "incidents.jsonl")
     costs = _merge_costs(stage_dirs, {"eval": clock.as_stage(), "setup": setup.as_stage()}, run / "cost.json")
     summary = {"preset": p.name, "seed": seed, "task": p.task, "difficulty": p.difficulty,
-               "answer_only_fraction": p.answer_only_fraction,
+               "answer_only_fraction": p.answer_only_fraction, "optimizer": p.pretrain.get("optimizer", "adamw"),
+               "training_precision": training_precision,
                "wall_seconds": time.perf_counter() - started, "device": device_name(dev), "stages": {}}
     previous = None
     for stage, res in results.items():

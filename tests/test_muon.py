@@ -84,6 +84,38 @@ def test_muon_step_follows_the_update_rule_and_the_rest_is_adamw():
         torch.testing.assert_close(b.detach(), b_ref.detach(), rtol=0, atol=0)
 
 
+def test_same_shaped_matrices_share_a_batch_but_each_gets_its_own_update():
+    """The step orthogonalises same-shaped matrices in one batch; each must still get exactly the
+    update it would get alone, whatever its neighbours' scale and shape."""
+    torch.manual_seed(0)
+    shapes = [(24, 16), (8, 12), (24, 16), (24, 16)]
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+    opt = MuonAdamW([{"params": params, "weight_decay": 0.0, "muon": True}], lr=1.0, momentum=0.0)
+    grads = [torch.randn(s) * scale for s, scale in zip(shapes, (1.0, 5.0, 100.0, 0.01))]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    opt.step()
+    for p, g in zip(params, grads):
+        want = -0.2 * math.sqrt(max(g.shape)) * orthogonalize(g)
+        torch.testing.assert_close(p.detach(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_newton_schulz_stays_close_to_float32():
+    """``ns_dtype=bfloat16`` (what a bf16-autocast stage gets) computes the same update to bf16's
+    precision: it changes the rounding, not the rule."""
+    torch.manual_seed(0)
+    g = torch.randn(3, 48, 96)
+    o32, o16 = orthogonalize(g), orthogonalize(g, dtype=torch.bfloat16)
+    assert o16.dtype == torch.float32 and not torch.equal(o16, o32)
+    torch.testing.assert_close(o16, o32, rtol=0, atol=0.05)
+    w = torch.nn.Parameter(torch.zeros(48, 96))
+    opt = MuonAdamW([{"params": [w], "weight_decay": 0.0, "muon": True}], lr=1.0, momentum=0.0,
+                    ns_dtype=torch.bfloat16)
+    w.grad = g[0].clone()
+    opt.step()
+    torch.testing.assert_close(w.detach(), -0.2 * math.sqrt(96) * o16[0], rtol=1e-5, atol=1e-6)
+
+
 def test_a_fused_gate_up_tensor_is_orthogonalised_as_its_two_matrices():
     torch.manual_seed(0)
     w = torch.nn.Parameter(torch.zeros(3, 2 * 8, 12))  # [E, 2I, H]: gate rows, then up rows

@@ -214,6 +214,25 @@ def test_loss_falls_and_run_outputs(reference):
     assert (reference / "checkpoints" / f"step_{MAX_STEPS:08d}" / "model" / "tokenizer.json").is_file()
 
 
+def test_precision_setting_chooses_the_autocast(reference, workdir):
+    """``--precision bfloat16`` trains under CPU bf16 autocast (master weights stay float32),
+    ``float32`` without: the log says which, the first loss differs by rounding only, and the
+    choice is stored in train_config.json."""
+    first = {}
+    for precision, says in (("float32", "autocast off (float32)"), ("bfloat16", "autocast torch.bfloat16")):
+        run = workdir / f"precision_{precision}"
+        res = run_cli("pretrain", *COMMON, "--max-steps", "3", "--data", str(reference / "data"),
+                      "--tokenizer", str(reference / "tokenizer"), "--precision", precision, "--out", str(run))
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert says in res.stdout + res.stderr
+        assert json.loads((run / "train_config.json").read_text())["precision"] == precision
+        first[precision] = read_metrics(run)[0]["lm_loss"]
+        weights = safetensors.torch.load_file(run / "checkpoints" / "step_00000003" / "model" / "model.safetensors")
+        assert {t.dtype for t in weights.values()} == {torch.float32}
+    assert first["float32"] != first["bfloat16"]
+    assert first["bfloat16"] == pytest.approx(first["float32"], rel=0.02)
+
+
 def test_sigkill_and_resume_is_bit_identical(reference, workdir):
     run = workdir / "killed"
     args = ["pretrain", *COMMON, "--data", str(reference / "data"), "--tokenizer", str(reference / "tokenizer"),

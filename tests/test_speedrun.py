@@ -6,8 +6,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import nanoseek
+from nanoseek.device import autocast_dtype
 from nanoseek.speedrun import best_stage
 
 
@@ -26,6 +28,9 @@ def test_every_stage_ran_and_was_scored(speedrun_dir):
     summary = json.loads((run / "summary.json").read_text())
     assert list(summary["stages"]) == ["pretrain", "sft", "grpo"]
     assert json.loads((run / "pretrain" / "train_config.json").read_text())["optimizer"] == "muon"  # the preset's
+    assert summary["optimizer"] == "muon"
+    chip = autocast_dtype("cpu")  # auto: bf16 autocast on CPUs that compute in it natively, float32 elsewhere
+    assert summary["training_precision"] == ("bfloat16" if chip == torch.bfloat16 else "float32")
     for stage, row in summary["stages"].items():
         held_out = json.loads((run / f"eval_{stage}.json").read_text())
         assert row["accuracy"] == held_out["accuracy"] and 0.0 <= row["accuracy"] <= 1.0
@@ -96,10 +101,11 @@ def test_extend_adds_the_context_extension_stage(tmp_path):
     """``--extend``: YaRN extension between pretraining and SFT, scored and costed as its own stage,
     and the SFT starts from the extended model. (Two flags ride along: the tiny preset has an MTP
     module, and ``--no-mtp`` removes it from every stage's model; ``--optimizer adamw`` replaces the
-    preset's Muon in the pretraining stage only.)"""
+    preset's Muon in the pretraining stage only; ``--precision float32`` reaches every training stage.)"""
     run = tmp_path / "run"
     res = subprocess.run([sys.executable, "-m", "nanoseek", "speedrun", "--preset", "tiny", "--out", str(run),
-                          "--device", "cpu", "--extend", "--no-mtp", "--optimizer", "adamw"], capture_output=True,
+                          "--device", "cpu", "--extend", "--no-mtp", "--optimizer", "adamw",
+                          "--precision", "float32"], capture_output=True,
                          text=True, timeout=900,
                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -118,3 +124,7 @@ def test_extend_adds_the_context_extension_stage(tmp_path):
     optimizers = {stage: json.loads((run / stage / "train_config.json").read_text())["optimizer"]
                   for stage in ("pretrain", "extend", "sft")}
     assert optimizers == {"pretrain": "adamw", "extend": "adamw", "sft": "adamw"}
+    precisions = {stage: json.loads((run / stage / "train_config.json").read_text())["precision"]
+                  for stage in ("pretrain", "extend", "sft")}
+    assert precisions == dict.fromkeys(("pretrain", "extend", "sft"), "float32")
+    assert summary["training_precision"] == "float32"

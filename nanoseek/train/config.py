@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from ..config import PRECISIONS
 from ..errors import ConfigError, NanoseekError
 from ..settings import Settings, resumable, setting
 
@@ -108,6 +109,9 @@ class TrainConfig(Settings):
     eval_batches: int = setting(20, "validation batches per evaluation", min=1, resumable=True)
     log_every: int = setting(1, "steps between metrics records", min=1, resumable=True)
     compile: bool = setting(False, "torch.compile the model", resumable=True)
+    precision: str = setting("auto", "compute dtype: auto (bfloat16 autocast where the chip computes in it natively: "
+                             "recent GPUs, CPUs with AVX512-BF16 or AMX; else float32), float32 or bfloat16; "
+                             "weights and optimizer state stay float32", choices=PRECISIONS, resumable=True)
     fp8: bool = setting(False, "block-wise FP8 GEMMs (V3 report 3.3; pure-torch emulation, slower than bf16)")
     fp8_ue8m0: bool = setting(False, "power-of-two FP8 scales (DeepSeek-V3.1 UE8M0)")
     activation_checkpointing: bool = setting(False, "recompute block activations in backward to save memory",

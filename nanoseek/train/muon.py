@@ -22,7 +22,8 @@ pretraining"; docs/2026-11-29-muon.md.
 
 Limits: the orthogonalisation needs whole matrices, so :func:`~nanoseek.train.optim.build_optimizer`
 refuses Muon for FSDP2-sharded models (torchrun) with a clear error. The Newton-Schulz products run
-in float32 on the CPU (bfloat16 is slow there without AVX-512 BF16) and in bfloat16 on CUDA.
+in the training's compute dtype (bfloat16 where the stage autocasts, :func:`nanoseek.device.autocast_dtype`,
+else float32), all same-shaped matrices of a step in one batch of products.
 """
 
 from __future__ import annotations
@@ -40,11 +41,11 @@ NS_STEPS = 5
 RMS_MATCH = 0.2
 
 
-def orthogonalize(g: torch.Tensor, steps: int = NS_STEPS) -> torch.Tensor:
-    """≈ U Vᵀ of each matrix in ``g`` ([..., A, B]) by the quintic Newton-Schulz iteration; the
-    singular values land in roughly [0.7, 1.2] (the coefficients trade exactness for speed)."""
+def orthogonalize(g: torch.Tensor, steps: int = NS_STEPS, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """≈ U Vᵀ of each matrix in ``g`` ([..., A, B]) by the quintic Newton-Schulz iteration, computed in
+    ``dtype``; the singular values land in roughly [0.7, 1.2] (the coefficients trade exactness for speed)."""
     a, b, c = NS_COEFFICIENTS
-    x = g.bfloat16() if g.is_cuda else g.float()
+    x = g.to(dtype)
     tall = x.shape[-2] > x.shape[-1]
     if tall:
         x = x.mT
@@ -75,14 +76,15 @@ class MuonAdamW(torch.optim.Optimizer):
     """Parameter groups with ``muon=True`` take the Muon update (module docstring); the others take
     AdamW (``torch.optim.adamw.adamw``, the same function ``torch.optim.AdamW`` runs). Each group has
     ``lr`` and ``weight_decay``; ``betas``/``eps`` serve AdamW, ``momentum`` and ``blocks`` (each
-    parameter's rows are that many matrices stacked, see :func:`muon_param_names`) Muon."""
+    parameter's rows are that many matrices stacked, see :func:`muon_param_names`) Muon, whose
+    Newton-Schulz products run in ``ns_dtype``."""
 
     def __init__(self, groups: list[dict], lr: float, betas=(0.9, 0.95), eps: float = 1e-8,
-                 momentum: float = 0.95, foreach: bool | None = None):
+                 momentum: float = 0.95, foreach: bool | None = None, ns_dtype: torch.dtype = torch.float32):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, momentum=momentum, weight_decay=0.0, muon=False,
                         blocks=1)
         super().__init__(groups, defaults)
-        self.foreach = foreach
+        self.foreach, self.ns_dtype = foreach, ns_dtype
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -95,16 +97,22 @@ class MuonAdamW(torch.optim.Optimizer):
 
     def _muon(self, group: dict, params: list[torch.Tensor]) -> None:
         lr, wd, mu, blocks = group["lr"], group["weight_decay"], group["momentum"], group["blocks"]
-        for p in params:
+        same_shape: dict[torch.Size, list[int]] = {}
+        nesterov = []
+        for i, p in enumerate(params):
             state = self.state[p]
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p)
             buf = state["momentum_buffer"]
             buf.mul_(mu).add_(p.grad)
-            nesterov = p.grad.add(buf, alpha=mu).unflatten(-2, (blocks, -1))  # [..., blocks, A, B]
-            update = orthogonalize(nesterov).flatten(-3, -2)
-            scale = RMS_MATCH * math.sqrt(max(nesterov.shape[-2], nesterov.shape[-1]))
-            p.mul_(1.0 - lr * wd).add_(update, alpha=-lr * scale)
+            nesterov.append(p.grad.add(buf, alpha=mu))
+            same_shape.setdefault(p.shape, []).append(i)
+        for indices in same_shape.values():  # one batch of Newton-Schulz products per shape
+            stacked = torch.stack([nesterov[i] for i in indices]).unflatten(-2, (blocks, -1))  # [n, ..., blocks, A, B]
+            updates = orthogonalize(stacked, dtype=self.ns_dtype).flatten(-3, -2)
+            scale = RMS_MATCH * math.sqrt(max(stacked.shape[-2], stacked.shape[-1]))
+            for i, update in zip(indices, updates):
+                params[i].mul_(1.0 - lr * wd).add_(update, alpha=-lr * scale)
 
     def _adamw(self, group: dict, params: list[torch.Tensor]) -> None:
         for p in params:

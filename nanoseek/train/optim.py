@@ -18,6 +18,7 @@ import math
 import torch
 from torch import nn
 
+from ..device import autocast_dtype
 from ..errors import ConfigError
 from .config import TrainConfig
 from .distributed import is_sharded
@@ -82,7 +83,8 @@ def build_optimizer(model: nn.Module, cfg, device: torch.device, lr: float | Non
             raise ConfigError("optimizer 'muon' needs whole matrices and does not support FSDP2-sharded models "
                               "(torchrun) yet; use --optimizer adamw there")
         return MuonAdamW(muon_groups(model, groups), lr=lr, betas=cfg.betas, eps=cfg.eps,
-                         momentum=cfg.muon_momentum, foreach=device.type != "cuda" or None)
+                         momentum=cfg.muon_momentum, foreach=device.type != "cuda" or None,
+                         ns_dtype=autocast_dtype(device, getattr(cfg, "precision", "auto")) or torch.float32)
     for g in groups:
         g.pop("names")
     groups = [g for g in groups if g["params"]]

@@ -312,7 +312,7 @@ class Trainer(RunTrainer):
         self.metrics_path = run_dir / "metrics.jsonl"
         self.logs = {"metrics_bytes": self.metrics_path}
         self.device = dist.local_device(pick_device(cfg.device))  # cuda:LOCAL_RANK etc. under torchrun
-        self.amp = autocast_dtype(self.device)
+        self.amp = autocast_dtype(self.device, cfg.precision)
         self.ckpt = self.pick_checkpoint() if resume else None  # the newest that verifies
         state = read_trainer_state(self.ckpt) if self.ckpt is not None else None
 
