@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("speedrun", help="the whole R1 recipe on synthetic verifiable tasks: pretrain, SFT, GRPO, "
                                         "eval, report card")
-    p.add_argument("--preset", default="cpu", help="cpu (default, 8-10 min on 2 AVX-512 cores), gpu-small, or tiny (smoke)")
+    p.add_argument("--preset", default="cpu", help="cpu (default, ~6 min on 2 AVX512-BF16 cores), gpu-small, or tiny (smoke)")
     p.add_argument("--out", type=Path, default=None, help="run directory (default runs/speedrun-PRESET-TIME)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cuda, xpu, npu, mps or cpu")
@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "better loss, see README; with it the final model drafts for speculative decoding)")
     p.add_argument("--optimizer", choices=("adamw", "muon"), default=None,
                    help="the pretraining stage's optimizer (default: the preset's; cpu and tiny: muon, Muon on the "
-                        "hidden matrices and AdamW on the rest, nanoseek/train/muon.py, ~1.4x AdamW's pretraining "
+                        "hidden matrices and AdamW on the rest, nanoseek/train/muon.py, 1.1-1.4x AdamW's pretraining "
                         "time on 2 CPU cores for a far stronger base model; gpu-small: adamw, V3's; see README)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="the training stages' compute dtype (default auto: bf16 autocast where the chip computes in "

@@ -87,8 +87,9 @@ PRESETS: dict[str, SpeedrunPreset] = {
         # (docs/2026-11-28-r1-laptop.md). `--mtp` and `--answer-only 0.6` bring back V3's MTP and
         # R1-Zero's mixed habits. Pretraining uses Muon, not V3's AdamW (`--optimizer adamw` brings it
         # back): on one machine the same 1,600 steps take the base model from 86.6 / 77.2 / 69.8% to
-        # 97.4 / 94.8 / 93.2% held-out on seeds 0-2 for ~1.36x the pretraining time
-        # (docs/2026-11-29-muon.md).
+        # 97.4 / 94.8 / 93.2% held-out on seeds 0-2 for ~1.36x the pretraining time in float32
+        # (docs/2026-11-29-muon.md); on CPUs with bf16 instructions the training stages autocast to
+        # bf16 (--precision auto): 6.1 instead of 8.4 minutes there (docs/2026-11-29-cpu-bf16.md).
         name="cpu", task="arithmetic", difficulty=2, model=dict(_CPU_MODEL, num_nextn_predict_layers=0),
         corpus_problems=40000, vocab_size=512,
         pretrain=dict(max_steps=1600, batch_size=8, seq_len=256, lr=3e-3, warmup_steps=60, optimizer="muon",
@@ -105,7 +106,8 @@ PRESETS: dict[str, SpeedrunPreset] = {
                     checkpoint_every=40, eval_every=40, log_every=10),
         eval_problems=500, answer_only_fraction=0.0,
         description="~3M-parameter DeepSeek-V3 (MLA, 8 routed + 1 shared experts; MTP with --mtp) on 2-digit "
-                    "arithmetic with worked solutions, pretrained with Muon; 8-10 minutes on 2 AVX-512 CPU cores"),
+                    "arithmetic with worked solutions, pretrained with Muon; ~6 minutes on 2 CPU cores with AVX512-BF16 "
+                    "(bf16 autocast), longer in float32 elsewhere"),
     "tiny": SpeedrunPreset(
         name="tiny", task="arithmetic", difficulty=1, corpus_problems=600, vocab_size=320,
         model=dict(_CPU_MODEL, hidden_size=64, num_hidden_layers=2, intermediate_size=128, moe_intermediate_size=32,
