@@ -218,6 +218,8 @@ def test_streamed_10mb_body_is_cut_off_and_health_answers_meanwhile(srv):
 
 
 def test_10mb_body_from_an_ordinary_client_gets_the_413(srv):
+    """httpx sends the whole body before it reads: the 413 must survive the server's close (its lingering
+    close; without it 15 of 60 tries here lost the response to a connection reset)."""
     with http(srv) as c:
         r = c.post("/v1/chat/completions", content=json.dumps(chat("x" * (10 * MIB))).encode(),
                    headers={"Content-Type": "application/json"})

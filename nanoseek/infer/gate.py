@@ -10,11 +10,16 @@ API key: when one is set, ``/v1/*`` and ``/metrics`` need ``Authorization: Beare
 otherwise); the page and ``/health`` stay open.
 
 Body limit: a body over ``max_body_bytes`` gets a 413 (code ``request_too_large``), refused from
-its ``Content-Length`` before it is read, or, sent chunked, as soon as it passes the limit.
+its ``Content-Length`` before it is read, or, sent chunked, as soon as it passes the limit. The
+connection then closes, but only after a "lingering close" (as HTTP servers do): what the client still
+sends is read and dropped for up to :data:`LINGER_SECONDS` and :data:`LINGER_LIMITS` times the limit,
+since closing a socket with unread bytes makes the kernel reset the connection, which can destroy the
+413 before a client that is still sending its body has read it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 from typing import Iterable
@@ -27,6 +32,9 @@ from .protocol import APIError
 MIB = 1 << 20
 DEFAULT_MAX_BODY_BYTES = 4 * MIB
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")  # Host names a loopback server answers to by default
+#: a refused body's lingering close: read and drop at most this many body limits' worth, this many seconds
+LINGER_LIMITS = 4
+LINGER_SECONDS = 2.0
 _ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics", "/")
 
 
@@ -36,7 +44,7 @@ class Gate:
 
     The body is read here, at most ``max_body_bytes`` of it: a declared ``Content-Length`` over the
     limit is refused before any of the body is read, a chunked body as soon as it passes the limit
-    (413, ``Connection: close``); the app then gets the body that was read in one message.
+    (413, ``Connection: close``, then :meth:`_linger`); the app gets the body that was read in one message.
     """
 
     def __init__(self, app, metrics: Metrics, allowed_hosts: tuple[str, ...] | None, api_key: str | None,
@@ -66,10 +74,28 @@ class Gate:
             return await refusal(scope, receive, counting_send)
         body = await self._read_body(scope, receive)
         if isinstance(body, JSONResponse):  # past the limit
-            return await body(scope, receive, counting_send)
+            return await self._linger(body, receive, counting_send)
         if body is None:
             return  # the client went away before its body was complete: nobody to answer
         await self.app(scope, _replay(body, receive), counting_send)
+
+    async def _linger(self, response: JSONResponse, receive, send) -> None:
+        """Send ``response`` whole, then read and drop the rest of the request body (until it ends, the
+        client leaves, or :data:`LINGER_SECONDS` / :data:`LINGER_LIMITS` run out) before the final
+        (empty) body message lets the server close the connection."""
+        await send({"type": "http.response.start", "status": response.status_code, "headers": response.raw_headers})
+        await send({"type": "http.response.body", "body": response.body, "more_body": True})
+        loop = asyncio.get_running_loop()
+        deadline, dropped = loop.time() + LINGER_SECONDS, 0
+        while dropped <= LINGER_LIMITS * self.max_body_bytes:
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                break
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                break
+            dropped += len(message.get("body", b""))
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     def _host_refusal(self, scope) -> JSONResponse | None:
         """A 421 for a Host header that is not allowed (none: an HTTP/1.0 client, never a browser)."""
