@@ -83,7 +83,7 @@ def settings(smoke: bool, steps: int | None) -> dict:
              # V3's AdamW (the preset's pretraining went to Muon after these studies), in float32
              pretrain=dict(cpu.pretrain, optimizer="adamw", precision="float32", max_steps=steps or (3 if smoke else 120),
                            **({} if smoke else dict(batch_size=16, warmup_steps=30))),
-             sft=dict(cpu.sft), eval_n=8 if smoke else 200, eval_max_tokens=cpu.eval_max_tokens,
+             sft=dict(cpu.sft, precision="float32"), eval_n=8 if smoke else 200, eval_max_tokens=cpu.eval_max_tokens,
              kind_problems=16 if smoke else 200)
     s["pretrain"].update(checkpoint_every=s["pretrain"]["max_steps"], eval_every=s["pretrain"]["max_steps"],
                          eval_batches=2 if smoke else 20, log_every=1 if smoke else 5)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import nanoseek
+from nanoseek.train import muon
 from nanoseek.train.checkpoint import restore_optimizer, save_checkpoint
 from nanoseek.train.config import TrainConfig
 from nanoseek.train.muon import MuonAdamW, muon_param_names, orthogonalize
@@ -84,9 +85,12 @@ def test_muon_step_follows_the_update_rule_and_the_rest_is_adamw():
         torch.testing.assert_close(b.detach(), b_ref.detach(), rtol=0, atol=0)
 
 
-def test_same_shaped_matrices_share_a_batch_but_each_gets_its_own_update():
-    """The step orthogonalises same-shaped matrices in one batch; each must still get exactly the
-    update it would get alone, whatever its neighbours' scale and shape."""
+@pytest.mark.parametrize("batch_elements", [muon.NS_BATCH_ELEMENTS, 2 * 24 * 16, 1])
+def test_same_shaped_matrices_share_a_batch_but_each_gets_its_own_update(monkeypatch, batch_elements):
+    """The step orthogonalises same-shaped matrices in batches (of up to ``NS_BATCH_ELEMENTS``
+    elements: here all three 24×16 matrices together, two then one, or one at a time); each must still
+    get exactly the update it would get alone, whatever its neighbours' scale and shape."""
+    monkeypatch.setattr(muon, "NS_BATCH_ELEMENTS", batch_elements)
     torch.manual_seed(0)
     shapes = [(24, 16), (8, 12), (24, 16), (24, 16)]
     params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -231,6 +232,23 @@ def test_precision_setting_chooses_the_autocast(reference, workdir):
         assert {t.dtype for t in weights.values()} == {torch.float32}
     assert first["float32"] != first["bfloat16"]
     assert first["bfloat16"] == pytest.approx(first["float32"], rel=0.02)
+
+
+def test_a_cpu_run_from_before_the_precision_setting_resumes_in_float32(reference, tmp_path):
+    """A train_config.json without ``precision`` was written when CPU training was always float32:
+    resuming it keeps float32 even where ``auto`` now picks bf16; a saved or given value wins."""
+    from nanoseek.train.pretrain import resolve_config
+
+    run = tmp_path / "old"
+    shutil.copytree(reference, run)
+    saved = json.loads((run / "train_config.json").read_text())
+    assert saved["precision"] == "auto" and saved["device"] == "cpu"
+    assert resolve_config(run, {}, resume=True, log=lambda *_: None).precision == "auto"
+    del saved["precision"]
+    (run / "train_config.json").write_text(json.dumps(saved))
+    assert resolve_config(run, {}, resume=True, log=lambda *_: None).precision == "float32"
+    given = resolve_config(run, {"precision": "bfloat16"}, resume=True, log=lambda *_: None)
+    assert given.precision == "bfloat16"
 
 
 def test_sigkill_and_resume_is_bit_identical(reference, workdir):

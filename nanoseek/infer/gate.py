@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import ipaddress
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 from fastapi.responses import JSONResponse
 
@@ -36,6 +36,12 @@ LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")  # Host names a loopback se
 LINGER_LIMITS = 4
 LINGER_SECONDS = 2.0
 _ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics", "/")
+
+
+class TooLarge(NamedTuple):
+    """A body over the limit: its 413, and whether the client still has more of the body to send."""
+    response: JSONResponse
+    more_body: bool
 
 
 class Gate:
@@ -73,21 +79,22 @@ class Gate:
         if refusal is not None:
             return await refusal(scope, receive, counting_send)
         body = await self._read_body(scope, receive)
-        if isinstance(body, JSONResponse):  # past the limit
+        if isinstance(body, TooLarge):
             return await self._linger(body, receive, counting_send)
         if body is None:
             return  # the client went away before its body was complete: nobody to answer
         await self.app(scope, _replay(body, receive), counting_send)
 
-    async def _linger(self, response: JSONResponse, receive, send) -> None:
-        """Send ``response`` whole, then read and drop the rest of the request body (until it ends, the
-        client leaves, or :data:`LINGER_SECONDS` / :data:`LINGER_LIMITS` run out) before the final
+    async def _linger(self, refused: TooLarge, receive, send) -> None:
+        """Send the 413 whole, then read and drop the rest of the request body, if any (until it ends,
+        the client leaves, or :data:`LINGER_SECONDS` / :data:`LINGER_LIMITS` run out), before the final
         (empty) body message lets the server close the connection."""
+        response = refused.response
         await send({"type": "http.response.start", "status": response.status_code, "headers": response.raw_headers})
         await send({"type": "http.response.body", "body": response.body, "more_body": True})
         loop = asyncio.get_running_loop()
         deadline, dropped = loop.time() + LINGER_SECONDS, 0
-        while dropped <= LINGER_LIMITS * self.max_body_bytes:
+        while refused.more_body and dropped <= LINGER_LIMITS * self.max_body_bytes:
             try:
                 message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
             except asyncio.TimeoutError:
@@ -130,12 +137,12 @@ class Gate:
         response.headers["WWW-Authenticate"] = "Bearer"
         return response
 
-    async def _read_body(self, scope, receive) -> bytes | JSONResponse | None:
+    async def _read_body(self, scope, receive) -> bytes | TooLarge | None:
         """The whole body; a 413 as soon as it is known to pass the limit; None if the client left first."""
         limit = self.max_body_bytes
         declared = _header(scope, b"content-length")
         if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
-            return _too_large(f"the request body is {int(declared)} bytes", limit)
+            return TooLarge(_too_large(f"the request body is {int(declared)} bytes", limit), more_body=True)
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -144,7 +151,8 @@ class Gate:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
-                return _too_large(f"the request body is more than {limit} bytes", limit)
+                return TooLarge(_too_large(f"the request body is more than {limit} bytes", limit),
+                                more_body=message.get("more_body", False))
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
@@ -222,5 +230,5 @@ def _header(scope, name: bytes) -> str | None:
 def _too_large(what: str, limit: int) -> JSONResponse:
     response = APIError(413, f"{what}; this server accepts at most {limit} bytes ({limit / MIB:g} MiB, "
                              "nanoseek serve --max-body-mb)", code="request_too_large").response()
-    response.headers["Connection"] = "close"  # the rest of the body is not read: do not reuse the connection
+    response.headers["Connection"] = "close"  # the rest of the body is dropped (Gate._linger), never parsed
     return response

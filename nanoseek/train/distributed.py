@@ -266,14 +266,15 @@ def _broadcast_from_rank0(model: nn.Module) -> None:
             torch.distributed.broadcast(t.data, src=0)
 
 
-def parallelize(model: nn.Module, device: torch.device) -> nn.Module:
+def parallelize(model: nn.Module, device: torch.device, precision: str = "auto") -> nn.Module:
     """Move ``model`` to ``device`` and, when distributed, shard it with FSDP2; returns the model.
 
     Every rank builds the model from the same seed; rank 0's weights and buffers are broadcast
     before sharding anyway, so all ranks start from identical weights whatever happened before.
-    On accelerators the units compute in bfloat16 (parameters all-gathered in bf16) and reduce
-    gradients in float32 into the float32 master shards; on the CPU parameters and collectives stay
-    float32 (a trainer's CPU autocast, where chosen, still computes in bfloat16).
+    On accelerators the units compute in ``precision``'s dtype (:func:`~nanoseek.device.autocast_dtype`;
+    bf16: parameters all-gathered in bf16) and reduce gradients in float32 into the float32 master
+    shards; on the CPU parameters and collectives stay float32 (a trainer's CPU autocast, where
+    chosen, still computes in bfloat16).
     """
     model = model.to(device)
     if world_size() == 1:
@@ -286,7 +287,7 @@ def parallelize(model: nn.Module, device: torch.device) -> nn.Module:
     _broadcast_from_rank0(model)
     mesh = init_device_mesh(device.type, (world_size(),))
     kwargs: dict = {"mesh": mesh}
-    amp = autocast_dtype(device) if device.type != "cpu" else None
+    amp = autocast_dtype(device, precision) if device.type != "cpu" else None
     if amp is not None:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=amp, reduce_dtype=torch.float32)
     for unit in fsdp_units(model):

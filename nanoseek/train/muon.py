@@ -39,6 +39,9 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NS_STEPS = 5
 #: Moonlight's update-RMS match to AdamW (arXiv 2502.16982, eq. 4)
 RMS_MATCH = 0.2
+#: most elements orthogonalised in one batch (same-shaped matrices share a batch up to this size; one
+#: larger matrix goes alone): bounds the step's extra memory to a few times this, not the whole model
+NS_BATCH_ELEMENTS = 1 << 24
 
 
 def orthogonalize(g: torch.Tensor, steps: int = NS_STEPS, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -97,22 +100,23 @@ class MuonAdamW(torch.optim.Optimizer):
 
     def _muon(self, group: dict, params: list[torch.Tensor]) -> None:
         lr, wd, mu, blocks = group["lr"], group["weight_decay"], group["momentum"], group["blocks"]
-        same_shape: dict[torch.Size, list[int]] = {}
-        nesterov = []
-        for i, p in enumerate(params):
+        same_shape: dict[torch.Size, list[torch.Tensor]] = {}
+        for p in params:
             state = self.state[p]
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p)
-            buf = state["momentum_buffer"]
-            buf.mul_(mu).add_(p.grad)
-            nesterov.append(p.grad.add(buf, alpha=mu))
-            same_shape.setdefault(p.shape, []).append(i)
-        for indices in same_shape.values():  # one batch of Newton-Schulz products per shape
-            stacked = torch.stack([nesterov[i] for i in indices]).unflatten(-2, (blocks, -1))  # [n, ..., blocks, A, B]
-            updates = orthogonalize(stacked, dtype=self.ns_dtype).flatten(-3, -2)
-            scale = RMS_MATCH * math.sqrt(max(stacked.shape[-2], stacked.shape[-1]))
-            for i, update in zip(indices, updates):
-                params[i].mul_(1.0 - lr * wd).add_(update, alpha=-lr * scale)
+            state["momentum_buffer"].mul_(mu).add_(p.grad)
+            same_shape.setdefault(p.shape, []).append(p)
+        for shape, members in same_shape.items():  # batches of same-shaped matrices: few, larger products
+            per_batch = max(1, NS_BATCH_ELEMENTS // shape.numel())
+            for start in range(0, len(members), per_batch):
+                batch = members[start:start + per_batch]
+                nesterov = torch.stack([p.grad.add(self.state[p]["momentum_buffer"], alpha=mu) for p in batch])
+                nesterov = nesterov.unflatten(-2, (blocks, -1))  # [n, ..., blocks, A, B]
+                updates = orthogonalize(nesterov, dtype=self.ns_dtype).flatten(-3, -2)
+                scale = RMS_MATCH * math.sqrt(max(nesterov.shape[-2], nesterov.shape[-1]))
+                for p, update in zip(batch, updates):
+                    p.mul_(1.0 - lr * wd).add_(update, alpha=-lr * scale)
 
     def _adamw(self, group: dict, params: list[torch.Tensor]) -> None:
         for p in params:

@@ -84,7 +84,7 @@ def build_optimizer(model: nn.Module, cfg, device: torch.device, lr: float | Non
                               "(torchrun) yet; use --optimizer adamw there")
         return MuonAdamW(muon_groups(model, groups), lr=lr, betas=cfg.betas, eps=cfg.eps,
                          momentum=cfg.muon_momentum, foreach=device.type != "cuda" or None,
-                         ns_dtype=autocast_dtype(device, getattr(cfg, "precision", "auto")) or torch.float32)
+                         ns_dtype=autocast_dtype(device, getattr(cfg, "precision", "float32")) or torch.float32)
     for g in groups:
         g.pop("names")
     groups = [g for g in groups if g["params"]]

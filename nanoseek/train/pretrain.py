@@ -13,8 +13,8 @@ Run directory (``--out``)::
     report.md + *.png   the report card (nanoseek.report), written at the end
     tensorboard/        with --tensorboard
 
-One step: ``grad_accum`` micro-batches, forward under bf16 autocast where the device supports it
-(float32 on the CPU), ``loss = lm_loss + λ(step)·mtp_loss + α·balance_loss``, backward, gradient
+One step: ``grad_accum`` micro-batches, forward under the ``precision`` setting's autocast (``auto``:
+bf16 where the chip computes in it natively, :func:`nanoseek.device.autocast_dtype`), ``loss = lm_loss + λ(step)·mtp_loss + α·balance_loss``, backward, gradient
 clipping (its total norm is the guard's ``grad_norm``), then the guard decides: ``ok``/``warn`` →
 AdamW step + auxiliary-loss-free bias update with γ(step); ``skip`` → drop the gradients;
 ``lr_down`` → scale the LR down (``guard.lr_scale``) and skip; ``rollback`` → reload the latest
@@ -42,6 +42,7 @@ it is off by default there (speed), and on the CPU it is not needed (it would on
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import time
@@ -127,6 +128,8 @@ def resolve_config(run_dir: Path, overrides: dict[str, Any], resume: bool, log: 
             overrides[key] = absolute_path(overrides[key])
     if overrides.get("data"):
         overrides["data"] = [absolute_path(p) for p in overrides["data"]]
+    if resume and overrides.get("precision") is None:
+        overrides["precision"] = precision_of_older_run(run_dir / CONFIG_FILE, overrides.get("device"))
 
     def build(fields: dict[str, Any]) -> TrainConfig:
         sources = [k for k in ("preset", "config", "init_from") if fields.get(k) is not None]
@@ -143,6 +146,19 @@ def resolve_config(run_dir: Path, overrides: dict[str, Any], resume: bool, log: 
         return config_cls.from_dict(fields)
 
     return resolve_settings(run_dir, CONFIG_FILE, config_cls, overrides, resume, build, log, ignore=DATA_FIELDS)
+
+
+def precision_of_older_run(cfg_path: Path, device: str | None) -> str | None:
+    """``float32`` for a CPU run whose config predates the ``precision`` setting (CPU training was
+    always float32 then, and ``auto`` may now choose bf16), so that resuming it keeps its arithmetic;
+    ``None`` (the saved value, or ``auto``: what accelerators ran before too) otherwise."""
+    try:
+        saved = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # resolve_settings reports an unreadable config
+    if not isinstance(saved, dict) or "precision" in saved:
+        return None
+    return "float32" if pick_device(device or saved.get("device", "auto")).type == "cpu" else None
 
 
 # ----------------------------------------------------------------------------- data
@@ -339,7 +355,7 @@ class Trainer(RunTrainer):
                 f"{model.config.max_position_embeddings}")
         if cfg.fp8:  # before FSDP2, the optimizer and torch.compile: it swaps modules, keeping parameters
             convert_to_fp8(model, ue8m0=cfg.fp8_ue8m0)
-        self.model = dist.parallelize(model, self.device).train()  # FSDP2 shards when distributed
+        self.model = dist.parallelize(model, self.device, cfg.precision).train()  # FSDP2 shards when distributed
         self.model.set_activation_checkpointing(cfg.activation_checkpointing)
         self.forward = torch.compile(self.model) if cfg.compile else self.model
         self.routers = self.model.moe_routers()
