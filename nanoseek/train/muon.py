@@ -23,7 +23,7 @@ pretraining"; docs/2026-11-29-muon.md.
 Limits: the orthogonalisation needs whole matrices, so :func:`~nanoseek.train.optim.build_optimizer`
 refuses Muon for FSDP2-sharded models (torchrun) with a clear error. The Newton-Schulz products run
 in the training's compute dtype (bfloat16 where the stage autocasts, :func:`nanoseek.device.autocast_dtype`,
-else float32), all same-shaped matrices of a step in one batch of products.
+else float32), same-shaped matrices batched together (up to :data:`NS_BATCH_ELEMENTS` per batch).
 """
 
 from __future__ import annotations
