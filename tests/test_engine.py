@@ -299,6 +299,46 @@ def test_sample_tokens_truncation_and_logprob_definition():
         assert sorted_p[row, :k].sum() >= 0.5 > sorted_p[row, :k - 1].sum()
 
 
+def test_batch_needs_reads_the_rows_that_sample():
+    from nanoseek.infer.sampling import batch_needs
+    assert batch_needs([GREEDY, SamplingParams(temperature=0, top_k=3)]) == (False, False)
+    assert batch_needs([GREEDY, SamplingParams(temperature=0.7)]) == (True, False)
+    assert batch_needs([SamplingParams(temperature=0.7), SamplingParams(temperature=1.0, top_p=0.9)]) == (True, True)
+    assert batch_needs([SamplingParams(temperature=1.0, top_k=5)]) == (True, True)
+
+
+def test_skipping_the_sort_and_the_draw_changes_no_token():
+    """A row without top-k/top-p is drawn from the plain softmax whatever its batch asks, so the flags
+    of ``batch_needs`` change the work of a step and never its tokens, log-probabilities or the
+    distributions of the rows that sample."""
+    from nanoseek.infer.sampling import RowParams, sample_rows, verify_rows
+    torch.manual_seed(3)
+    n, v = 6, 40
+    logits = torch.randn(n, v) * 2
+    u = torch.rand(n, dtype=torch.float64)
+    plain_rows = RowParams.of([SamplingParams(temperature=0.8)] * 3 + [GREEDY] * 3)
+    mixed_rows = RowParams.of([SamplingParams(temperature=0.8)] * 3 + [SamplingParams(temperature=0.8, top_k=2)] * 3)
+    full = sample_rows(logits, plain_rows, u, True, True)
+    lean = sample_rows(logits, plain_rows, u, True, False)
+    beside_truncating = sample_rows(logits, mixed_rows, u, True, True)
+    for a, b in zip(full, lean):
+        assert torch.equal(a, b)
+    for a, b in zip(full, beside_truncating):  # the first three rows do not depend on their neighbours
+        assert torch.equal(a[:3], b[:3])
+    assert ((beside_truncating[2][3:] > 0).sum(-1) == 2).all()  # and the top-k rows are still truncated
+    greedy_rows = RowParams.of([GREEDY] * n)
+    assert torch.equal(sample_rows(logits, greedy_rows, u, False, False)[0], logits.argmax(-1))
+    assert all(torch.equal(a, b) for a, b in zip(sample_rows(logits, greedy_rows, u, False, False)[:2],
+                                                sample_rows(logits, greedy_rows, u, True, True)[:2]))
+    pair = torch.randn(n, 2, v)
+    drafts = torch.cat([pair[:3, 0].argmax(-1), torch.randint(v, (3,))])
+    q = torch.rand(n, v).softmax(-1)
+    lean = verify_rows(pair, drafts, q, greedy_rows, u, u, False, False)
+    for a, b in zip(lean, verify_rows(pair, drafts, q, greedy_rows, u, u, True, True)):
+        assert torch.equal(a, b)
+    assert lean[2][:3].all()
+
+
 def test_speculative_rejection_sampling_keeps_the_target_distribution():
     torch.manual_seed(1)
     v, n = 6, 20000

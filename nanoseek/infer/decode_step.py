@@ -3,7 +3,10 @@
 A step runs over the first ``n`` cache slots (:meth:`~nanoseek.model.cache.SlotLatentCache.fixed_step`):
 token ids [n, T], start positions [n], the rows' sampling parameters (:class:`RowParams`) and their
 uniform random numbers, all tensors on the device, so one traced graph serves every step and every
-mix of requests; sampling happens inside it and the host reads the sampled ids once per step.
+mix of requests; sampling happens inside it and the host reads the sampled ids once per step. Two
+host-known flags (:func:`~nanoseek.infer.sampling.batch_needs`: does any row sample, does any
+sampled row truncate) drop the draw and the vocabulary sort from steps that need neither, so a
+compiled step has at most three graphs (greedy, sampled, truncated), each traced once.
 
 * :meth:`DecodeStep.plain`: T = 1, one token per row.
 * :meth:`DecodeStep.speculative`: T = 2 (the pending token and the MTP draft), verification
@@ -57,16 +60,17 @@ class DecodeStep:
             self._speculative = torch.compile(self._speculative_eager, mode=mode, dynamic=True)
 
     # ------------------------------------------------------------------ the two steps
-    def plain(self, ids: torch.Tensor, start: torch.Tensor, key_len: int, rows: RowParams, u: torch.Tensor):
+    def plain(self, ids: torch.Tensor, start: torch.Tensor, key_len: int, rows: RowParams, u: torch.Tensor,
+              needs: tuple[bool, bool] = (True, True)):
         """ids [n, 1] → (tokens [n], logprobs [n]); writes position ``start`` of every row and attends
-        over the first ``key_len`` cache positions."""
-        return self._run("_plain", ids, start, key_len, rows, u)
+        over the first ``key_len`` cache positions; ``needs`` = ``batch_needs`` of the rows."""
+        return self._run("_plain", ids, start, key_len, rows, u, *needs)
 
     def speculative(self, ids: torch.Tensor, start: torch.Tensor, key_len: int, draft_probs: torch.Tensor,
-                    rows: RowParams, u: torch.Tensor):
+                    rows: RowParams, u: torch.Tensor, needs: tuple[bool, bool] = (True, True)):
         """ids [n, 2] = [pending, draft] → (tokens [n, 2], logprobs [n, 2], accepted [n], next drafts [n],
         their distributions [n, V]); ``u`` [n, 3]: accept, token, draft."""
-        return self._run("_speculative", ids, start, key_len, draft_probs, rows, u)
+        return self._run("_speculative", ids, start, key_len, draft_probs, rows, u, *needs)
 
     def _run(self, name: str, *args):
         fn = getattr(self, name)
@@ -81,20 +85,23 @@ class DecodeStep:
             self._plain, self._speculative = self._plain_eager, self._speculative_eager
             return getattr(self, name)(*args)
 
-    def _plain_eager(self, ids, start, key_len, rows, u):
+    def _plain_eager(self, ids, start, key_len, rows, u, sampling, truncating):
         out = self.model(ids, cache=self.cache.fixed_step(start, key_len))
-        tokens, logprobs, _ = sample_rows(mask_unusable(out.logits[:, -1].float(), self.n_usable), rows, u)
+        tokens, logprobs, _ = sample_rows(mask_unusable(out.logits[:, -1].float(), self.n_usable), rows, u,
+                                          sampling, truncating)
         return tokens, logprobs
 
-    def _speculative_eager(self, ids, start, key_len, draft_probs, rows, u):
+    def _speculative_eager(self, ids, start, key_len, draft_probs, rows, u, sampling, truncating):
         step = self.cache.fixed_step(start, key_len)
         out = self.model(ids, cache=step, return_hidden=True)
         logits = mask_unusable(out.logits.float(), self.n_usable)
-        tokens, logprobs, accepted = verify_rows(logits, ids[:, 1], draft_probs, rows, u[:, 0], u[:, 1])
+        tokens, logprobs, accepted = verify_rows(logits, ids[:, 1], draft_probs, rows, u[:, 0], u[:, 1],
+                                                 sampling, truncating)
         # The MTP block at positions L, L+1: [h_L ; emb(t_L+1)] and [h_L+1 ; emb(t_L+2)]; a rejected
         # row's second entry is junk (the engine keeps its length at L+1) and its draft comes from L.
         follow = torch.stack([tokens[:, 0], torch.where(accepted, tokens[:, 1], tokens[:, 0])], dim=1)
         draft_logits, _ = self.model.mtp_draft_logits(0, out.hidden_states, follow, cache=step)
         picked = draft_logits[torch.arange(ids.shape[0], device=ids.device), accepted.long()]
-        drafts, _, draft_q = sample_rows(mask_unusable(picked.float(), self.n_usable), rows, u[:, 2])
+        drafts, _, draft_q = sample_rows(mask_unusable(picked.float(), self.n_usable), rows, u[:, 2],
+                                         sampling, truncating)
         return tokens, logprobs, accepted, drafts, draft_q

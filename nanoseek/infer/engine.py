@@ -55,7 +55,7 @@ import torch
 
 from ..model.cache import SlotLatentCache
 from .decode_step import DecodeStep, mask_unusable
-from .sampling import GenerationError, RowParams, SamplingParams, draw_uniforms, sample_tokens
+from .sampling import GenerationError, RowParams, SamplingParams, batch_needs, draw_uniforms, sample_tokens
 
 #: the decode step's key length is the longest row's end rounded up to a multiple of this
 KEY_LEN_STEP = 64
@@ -389,7 +389,8 @@ class Engine:
         [n, uniforms] for the first n slots, n = the highest running slot + 1 and at least 2 (a
         compiled graph specialises on a batch of 1; one more row costs little); rows of idle slots are
         padding. The key length is the longest row's end rounded up to a multiple of
-        ``KEY_LEN_STEP`` (few distinct lengths for a compiled graph), at most the cache's."""
+        ``KEY_LEN_STEP`` (few distinct lengths for a compiled graph), at most the cache's. Last, the
+        running requests' :func:`batch_needs` (what sampling work the step must do)."""
         n = min(max(active[-1].slot + 1, 2), self.cache.n_slots)
         ids = [[0] * width for _ in range(n)]
         start = [0] * n
@@ -407,11 +408,11 @@ class Engine:
         device = self.device
         key_len = min(-(-(max(start) + width) // KEY_LEN_STEP) * KEY_LEN_STEP, self.cache.max_len)
         return (torch.tensor(ids, dtype=torch.long, device=device), torch.tensor(start, device=device), key_len,
-                self._rows.rows(n), u.to(device))
+                self._rows.rows(n), u.to(device), batch_needs([r.params for r in active]))
 
     def _decode(self, active: list[_Request]) -> list[TokenEvent]:
-        ids, start, key_len, rows, u = self._step_inputs(active, 1, 1)
-        toks, lps = self.decode_step.plain(ids, start, key_len, rows, u[:, 0])
+        ids, start, key_len, rows, u, needs = self._step_inputs(active, 1, 1)
+        toks, lps = self.decode_step.plain(ids, start, key_len, rows, u[:, 0], needs)
         toks, lps = toks.tolist(), lps.tolist()
         self._count_decode(len(active), len(active))
         events = []
@@ -422,10 +423,10 @@ class Engine:
         return events
 
     def _decode_speculative(self, active: list[_Request]) -> list[TokenEvent]:
-        ids, start, key_len, rows, u = self._step_inputs(active, 2, 3)
+        ids, start, key_len, rows, u, needs = self._step_inputs(active, 2, 3)
         n = ids.shape[0]
         tokens, lps, accepted, drafts, draft_probs = self.decode_step.speculative(
-            ids, start, key_len, self._draft_probs[:n], rows, u)
+            ids, start, key_len, self._draft_probs[:n], rows, u, needs)
         self._draft_probs[:n] = draft_probs
         tokens, lps, accepted, drafts = tokens.tolist(), lps.tolist(), accepted.tolist(), drafts.tolist()
         n_acc = sum(accepted[r.slot] for r in active)
