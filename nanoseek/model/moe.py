@@ -171,10 +171,12 @@ class RoutedExperts(nn.Module):
         top_k = routing.expert_ids.shape[1]
         order = flat_ids.argsort(stable=True)
         token_of = order // top_k
-        xs = x[token_of]
+        # index_select, not x[token_of]: its backward is index_add_, ~6x faster on the CPU than the
+        # accumulating index_put_ that advanced indexing's backward runs (2048 × 192 rows, 2 threads)
+        xs = x.index_select(0, token_of)
         gate, up = self.expert_matmul(xs, self.gate_up_proj, counts).chunk(2, dim=-1)
         ys = self.expert_matmul(F.silu(gate) * up, self.down_proj, counts)
-        ys = ys * routing.weights.reshape(-1)[order].unsqueeze(-1).to(ys.dtype)
+        ys = ys * routing.weights.reshape(-1).index_select(0, order).unsqueeze(-1).to(ys.dtype)
         out = torch.zeros_like(x).index_add_(0, token_of, ys.to(x.dtype))  # FP8 GEMMs return autocast's dtype
         return out, counts
 
