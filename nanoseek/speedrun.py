@@ -68,6 +68,10 @@ class SpeedrunPreset:
     #: problems of the validation split that choose the final model among the chat stages
     validation_problems: int = 200
     eval_max_tokens: int = 160
+    #: problems the evaluations decode together: a decode step of the cpu model costs about the same
+    #: at 64 rows as at 256 (per-step overhead), so 256 slots take a 500-problem evaluation from 6.6 to
+    #: 4.7 s on 2 cores (docs/2026-11-29-cpu-bf16.md, session 12)
+    eval_slots: int = 256
     #: share of corpus documents and cold-start examples that state the answer without the working
     #: (:func:`~nanoseek.tasks.base.answer_only`); the choice between the two habits is left to RL
     answer_only_fraction: float = 0.0
@@ -253,7 +257,8 @@ def run_speedrun(out: str | Path, preset: str = "cpu", seed: int = 0, device: st
         validation-split accuracy that picks the final model."""
         t0 = time.perf_counter()
         model, tokenizer = load_with_tokenizer(str(ckpt), device)
-        engine = Engine(model, tokenizer, max_slots=64, max_seq_len=512 + p.eval_max_tokens, compile=compile)
+        engine = Engine(model, tokenizer, max_slots=min(p.eval_slots, max(p.eval_problems, p.validation_problems)),
+                        max_seq_len=512 + p.eval_max_tokens, compile=compile)
         scored = dict(difficulty=p.difficulty, max_tokens=p.eval_max_tokens, seed=seed, prompt_fn=prompt_fn)
         result = evaluate(engine, tokenizer, p.task, n_problems=p.eval_problems, **scored).to_dict()
         (run / f"eval_{stage}.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
