@@ -105,18 +105,23 @@ class MuonAdamW(torch.optim.Optimizer):
             state = self.state[p]
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p)
-            state["momentum_buffer"].mul_(mu).add_(p.grad)
             same_shape.setdefault(p.shape, []).append(p)
+        # the elementwise work as one foreach call per step of the formula, not one kernel per parameter
+        buffers, grads = [self.state[p]["momentum_buffer"] for p in params], [p.grad for p in params]
+        torch._foreach_mul_(buffers, mu)
+        torch._foreach_add_(buffers, grads)
+        if wd:
+            torch._foreach_mul_(params, 1.0 - lr * wd)
         for shape, members in same_shape.items():  # batches of same-shaped matrices: few, larger products
             per_batch = max(1, NS_BATCH_ELEMENTS // shape.numel())
             for start in range(0, len(members), per_batch):
                 batch = members[start:start + per_batch]
-                nesterov = torch.stack([p.grad.add(self.state[p]["momentum_buffer"], alpha=mu) for p in batch])
+                nesterov = torch.stack([p.grad for p in batch]).add_(
+                    torch.stack([self.state[p]["momentum_buffer"] for p in batch]), alpha=mu)
                 nesterov = nesterov.unflatten(-2, (blocks, -1))  # [n, ..., blocks, A, B]
                 updates = orthogonalize(nesterov, dtype=self.ns_dtype).flatten(-3, -2)
                 scale = RMS_MATCH * math.sqrt(max(nesterov.shape[-2], nesterov.shape[-1]))
-                for p, update in zip(batch, updates):
-                    p.mul_(1.0 - lr * wd).add_(update, alpha=-lr * scale)
+                torch._foreach_add_(batch, list(updates.unbind(0)), alpha=-lr * scale)
 
     def _adamw(self, group: dict, params: list[torch.Tensor]) -> None:
         for p in params:
