@@ -64,13 +64,14 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
     assert sum(len(g["params"]) for g in opt.param_groups) == len({id(p) for p in model.parameters()})
 
 
-def test_muon_step_follows_the_update_rule_and_the_rest_is_adamw():
+@pytest.mark.parametrize("ns_steps", [muon.NS_STEPS, 3])
+def test_muon_step_follows_the_update_rule_and_the_rest_is_adamw(ns_steps):
     torch.manual_seed(0)
     w, b = torch.nn.Parameter(torch.randn(24, 16)), torch.nn.Parameter(torch.randn(16))
     b_ref = torch.nn.Parameter(b.detach().clone())
     lr, wd, mu = 0.02, 0.1, 0.9
     opt = MuonAdamW([{"params": [w], "weight_decay": wd, "muon": True},
-                     {"params": [b], "weight_decay": 0.0, "muon": False}], lr=lr, momentum=mu)
+                     {"params": [b], "weight_decay": 0.0, "muon": False}], lr=lr, momentum=mu, ns_steps=ns_steps)
     ref = torch.optim.AdamW([b_ref], lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
     expected = w.detach().clone()
     buf = torch.zeros_like(expected)
@@ -80,9 +81,18 @@ def test_muon_step_follows_the_update_rule_and_the_rest_is_adamw():
         opt.step()
         ref.step()
         buf = mu * buf + gw
-        expected = expected * (1 - lr * wd) - lr * 0.2 * math.sqrt(24) * orthogonalize(gw + mu * buf)
+        expected = expected * (1 - lr * wd) - lr * 0.2 * math.sqrt(24) * orthogonalize(gw + mu * buf, ns_steps)
         torch.testing.assert_close(w.detach(), expected, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(b.detach(), b_ref.detach(), rtol=0, atol=0)
+
+
+def test_the_newton_schulz_steps_setting_reaches_the_optimizer():
+    model = nanoseek.DeepSeekV3(nanoseek.get_preset("tiny"))
+    for steps in (muon.NS_STEPS, 3):
+        cfg = TrainConfig(preset="tiny", optimizer="muon", muon_ns_steps=steps)
+        assert build_optimizer(model, cfg, torch.device("cpu")).ns_steps == steps
+    g = torch.randn(24, 16)
+    assert not torch.allclose(orthogonalize(g, 3), orthogonalize(g, 5), atol=1e-2)  # the setting matters
 
 
 @pytest.mark.parametrize("batch_elements", [muon.NS_BATCH_ELEMENTS, 2 * 24 * 16, 1])

@@ -80,14 +80,15 @@ class MuonAdamW(torch.optim.Optimizer):
     AdamW (``torch.optim.adamw.adamw``, the same function ``torch.optim.AdamW`` runs). Each group has
     ``lr`` and ``weight_decay``; ``betas``/``eps`` serve AdamW, ``momentum`` and ``blocks`` (each
     parameter's rows are that many matrices stacked, see :func:`muon_param_names`) Muon, whose
-    Newton-Schulz products run in ``ns_dtype``."""
+    ``ns_steps`` Newton-Schulz iterations run in ``ns_dtype``."""
 
     def __init__(self, groups: list[dict], lr: float, betas=(0.9, 0.95), eps: float = 1e-8,
-                 momentum: float = 0.95, foreach: bool | None = None, ns_dtype: torch.dtype = torch.float32):
+                 momentum: float = 0.95, foreach: bool | None = None, ns_dtype: torch.dtype = torch.float32,
+                 ns_steps: int = NS_STEPS):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, momentum=momentum, weight_decay=0.0, muon=False,
                         blocks=1)
         super().__init__(groups, defaults)
-        self.foreach, self.ns_dtype = foreach, ns_dtype
+        self.foreach, self.ns_dtype, self.ns_steps = foreach, ns_dtype, ns_steps
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -119,7 +120,7 @@ class MuonAdamW(torch.optim.Optimizer):
                 nesterov = torch.stack([p.grad for p in batch]).add_(
                     torch.stack([self.state[p]["momentum_buffer"] for p in batch]), alpha=mu)
                 nesterov = nesterov.unflatten(-2, (blocks, -1))  # [n, ..., blocks, A, B]
-                updates = orthogonalize(nesterov, dtype=self.ns_dtype).flatten(-3, -2)
+                updates = orthogonalize(nesterov, self.ns_steps, self.ns_dtype).flatten(-3, -2)
                 scale = RMS_MATCH * math.sqrt(max(nesterov.shape[-2], nesterov.shape[-1]))
                 torch._foreach_add_(batch, list(updates.unbind(0)), alpha=-lr * scale)
 

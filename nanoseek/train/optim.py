@@ -22,7 +22,7 @@ from ..device import autocast_dtype
 from ..errors import ConfigError
 from .config import TrainConfig
 from .distributed import is_sharded
-from .muon import MuonAdamW, muon_param_names
+from .muon import NS_STEPS, MuonAdamW, muon_param_names
 
 
 def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool = True) -> list[dict]:
@@ -83,7 +83,8 @@ def build_optimizer(model: nn.Module, cfg, device: torch.device, lr: float | Non
             raise ConfigError("optimizer 'muon' needs whole matrices and does not support FSDP2-sharded models "
                               "(torchrun) yet; use --optimizer adamw there")
         return MuonAdamW(muon_groups(model, groups), lr=lr, betas=cfg.betas, eps=cfg.eps,
-                         momentum=cfg.muon_momentum, foreach=device.type != "cuda" or None,
+                         momentum=cfg.muon_momentum, ns_steps=getattr(cfg, "muon_ns_steps", NS_STEPS),
+                         foreach=device.type != "cuda" or None,
                          ns_dtype=autocast_dtype(device, getattr(cfg, "precision", "float32")) or torch.float32)
     for g in groups:
         g.pop("names")
