@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("speedrun", help="the whole R1 recipe on synthetic verifiable tasks: pretrain, SFT, GRPO, "
                                         "eval, report card")
-    p.add_argument("--preset", default="cpu", help="cpu (default, ~6 min on 2 AVX512-BF16 cores), gpu-small, or tiny (smoke)")
+    p.add_argument("--preset", default="cpu", help="cpu (default, 5-6 min on 2 AVX512-BF16 cores), gpu-small, or tiny (smoke)")
     p.add_argument("--out", type=Path, default=None, help="run directory (default runs/speedrun-PRESET-TIME)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cuda, xpu, npu, mps or cpu")

@@ -70,7 +70,7 @@ class SpeedrunPreset:
     eval_max_tokens: int = 160
     #: problems the evaluations decode together: a decode step of the cpu model costs about the same
     #: at 64 rows as at 256 (per-step overhead), so 256 slots take a 500-problem evaluation from 6.6 to
-    #: 4.7 s on 2 cores (docs/2026-11-29-cpu-bf16.md, session 12)
+    #: 4.7 s on 2 cores (docs/2026-11-29-speedrun-overheads.md)
     eval_slots: int = 256
     #: share of corpus documents and cold-start examples that state the answer without the working
     #: (:func:`~nanoseek.tasks.base.answer_only`); the choice between the two habits is left to RL
@@ -110,7 +110,7 @@ PRESETS: dict[str, SpeedrunPreset] = {
                     checkpoint_every=40, eval_every=40, log_every=10),
         eval_problems=500, answer_only_fraction=0.0,
         description="~3M-parameter DeepSeek-V3 (MLA, 8 routed + 1 shared experts; MTP with --mtp) on 2-digit "
-                    "arithmetic with worked solutions, pretrained with Muon; ~6 minutes on 2 CPU cores with AVX512-BF16 "
+                    "arithmetic with worked solutions, pretrained with Muon; 5-6 minutes on 2 CPU cores with AVX512-BF16 "
                     "(bf16 autocast), longer in float32 elsewhere"),
     "tiny": SpeedrunPreset(
         name="tiny", task="arithmetic", difficulty=1, corpus_problems=600, vocab_size=320,
