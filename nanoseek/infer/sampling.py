@@ -235,23 +235,20 @@ def verify_rows(logits: torch.Tensor, draft_ids: torch.Tensor, draft_probs: torc
     ``(tokens [n, 2], logprobs [n, 2], accepted [n] bool)``.
     """
     l0, l1 = logits[:, 0], logits[:, 1]
-    greedy_first, greedy_second = l0.argmax(dim=-1), l1.argmax(dim=-1)
-    if not sampling:  # exactly the greedy branch below
-        accepted = greedy_first == draft_ids
-        logps = torch.stack([token_logprobs(l0, greedy_first, rows.temperature),
-                             token_logprobs(l1, greedy_second, rows.temperature)], 1)
-        return torch.stack([greedy_first, greedy_second], dim=1), logps, accepted
-    p1, p2 = truncated_probs(l0, rows, truncating), truncated_probs(l1, rows, truncating)
-    d = draft_ids[:, None]
-    p_d = p1.gather(-1, d).squeeze(-1).double()
-    q_d = draft_probs.gather(-1, d).squeeze(-1).double()
-    accept_sampled = u_accept.to(p_d.device, p_d.dtype) * q_d < p_d  # u < p/q; q(d) > 0 as d was drawn from q
-    residual = (p1 - draft_probs).clamp(min=0.0)
-    residual = torch.where(residual.sum(dim=-1, keepdim=True) > 0, residual, p1)  # p == q: never rejected
-    sampled = rows.temperature > 0
-    accepted = torch.where(sampled, accept_sampled, greedy_first == draft_ids)
-    first = torch.where(sampled, torch.where(accept_sampled, draft_ids, draw(residual, u_token)), greedy_first)
-    second = torch.where(sampled, draw(p2, u_token), greedy_second)
+    first, second = l0.argmax(dim=-1), l1.argmax(dim=-1)  # greedy rows
+    accepted = first == draft_ids
+    if sampling:
+        p1, p2 = truncated_probs(l0, rows, truncating), truncated_probs(l1, rows, truncating)
+        d = draft_ids[:, None]
+        p_d = p1.gather(-1, d).squeeze(-1).double()
+        q_d = draft_probs.gather(-1, d).squeeze(-1).double()
+        accept_sampled = u_accept.to(p_d.device, p_d.dtype) * q_d < p_d  # u < p/q; q(d) > 0 as d was drawn from q
+        residual = (p1 - draft_probs).clamp(min=0.0)
+        residual = torch.where(residual.sum(dim=-1, keepdim=True) > 0, residual, p1)  # p == q: never rejected
+        sampled = rows.temperature > 0
+        accepted = torch.where(sampled, accept_sampled, accepted)
+        first = torch.where(sampled, torch.where(accept_sampled, draft_ids, draw(residual, u_token)), first)
+        second = torch.where(sampled, draw(p2, u_token), second)
     logps = torch.stack([token_logprobs(l0, first, rows.temperature), token_logprobs(l1, second, rows.temperature)], 1)
     return torch.stack([first, second], dim=1), logps, accepted
 
