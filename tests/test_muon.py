@@ -95,6 +95,22 @@ def test_the_newton_schulz_steps_setting_reaches_the_optimizer():
     assert not torch.allclose(orthogonalize(g, 3), orthogonalize(g, 5), atol=1e-2)  # the setting matters
 
 
+def test_bf16_parameters_get_the_per_tensor_arithmetic():
+    """The foreach step must not round its factors (momentum, 1 - lr·wd) to the parameters' dtype."""
+    torch.manual_seed(0)
+    lr, wd, mu = 0.02, 0.1, 0.9
+    w = torch.nn.Parameter(torch.randn(24, 16, dtype=torch.bfloat16))
+    opt = MuonAdamW([{"params": [w], "weight_decay": wd, "muon": True}], lr=lr, momentum=mu)
+    expected, buf = w.detach().clone(), torch.zeros(24, 16, dtype=torch.bfloat16)
+    for _ in range(3):
+        g = torch.randn(24, 16, dtype=torch.bfloat16)
+        w.grad = g.clone()
+        opt.step()
+        buf.mul_(mu).add_(g)
+        expected.mul_(1 - lr * wd).add_(orthogonalize(g.add(buf, alpha=mu)), alpha=-lr * 0.2 * math.sqrt(24))
+        assert torch.equal(w.detach(), expected)
+
+
 @pytest.mark.parametrize("batch_elements", [muon.NS_BATCH_ELEMENTS, 2 * 24 * 16, 1])
 def test_same_shaped_matrices_share_a_batch_but_each_gets_its_own_update(monkeypatch, batch_elements):
     """The step orthogonalises same-shaped matrices in batches (of up to ``NS_BATCH_ELEMENTS``

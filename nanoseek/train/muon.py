@@ -28,6 +28,7 @@ else float32), same-shaped matrices batched together (up to :data:`NS_BATCH_ELEM
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -107,12 +108,14 @@ class MuonAdamW(torch.optim.Optimizer):
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p)
             same_shape.setdefault(p.shape, []).append(p)
-        # the elementwise work as one foreach call per step of the formula, not one kernel per parameter
+        # the elementwise work as one foreach call per step of the formula, not one kernel per parameter;
+        # the factors as float32 tensors: a Python scalar would be rounded to a bf16 list's dtype first
         buffers, grads = [self.state[p]["momentum_buffer"] for p in params], [p.grad for p in params]
-        torch._foreach_mul_(buffers, mu)
+        factor = functools.partial(torch.tensor, dtype=torch.float32, device=params[0].device)
+        torch._foreach_mul_(buffers, factor(mu))
         torch._foreach_add_(buffers, grads)
         if wd:
-            torch._foreach_mul_(params, 1.0 - lr * wd)
+            torch._foreach_mul_(params, factor(1.0 - lr * wd))
         for shape, members in same_shape.items():  # batches of same-shaped matrices: few, larger products
             per_batch = max(1, NS_BATCH_ELEMENTS // shape.numel())
             for start in range(0, len(members), per_batch):
