@@ -249,9 +249,12 @@ def test_stop_scanner_matches_a_brute_force_scan_over_any_chunking():
 
 
 # ---------------------------------------------------------------------------------------- sampling
-def test_seeded_sampling_reproducible_and_independent_of_batch_mates(model):
+@pytest.mark.parametrize("top_k", [50, 0])
+def test_seeded_sampling_reproducible_and_independent_of_batch_mates(model, top_k):
+    """With top_k 0 the request takes the plain softmax, in steps that skip the sort (alone, beside a
+    greedy row) and in steps that sort for a top-p mate alike."""
     prompts = prompts_of(5, 8, 3, seed=5)
-    pa = SamplingParams(temperature=0.8, top_k=50, max_tokens=10, seed=7)
+    pa = SamplingParams(temperature=0.8, top_k=top_k, max_tokens=10, seed=7)
     solo = engine(model).generate([prompts[0]], pa)[0].token_ids
     assert engine(model).generate([prompts[0]], pa)[0].token_ids == solo
     mates = {0: [(prompts[1], SamplingParams(temperature=1.2, top_p=0.9, max_tokens=6, seed=1), "b")],
@@ -259,7 +262,7 @@ def test_seeded_sampling_reproducible_and_independent_of_batch_mates(model):
              2: [(prompts[2], GREEDY, "c"), (prompts[0], pa, "a2")]}
     tokens, _ = drive(engine(model), mates)
     assert tokens["a"] == solo and tokens["a2"] == solo
-    other = SamplingParams(temperature=0.8, top_k=50, max_tokens=10, seed=8)
+    other = SamplingParams(temperature=0.8, top_k=top_k, max_tokens=10, seed=8)
     assert engine(model).generate([prompts[0]], other)[0].token_ids != solo
 
 
@@ -326,6 +329,12 @@ def test_skipping_the_sort_and_the_draw_changes_no_token():
     for a, b in zip(full, beside_truncating):  # the first three rows do not depend on their neighbours
         assert torch.equal(a[:3], b[:3])
     assert ((beside_truncating[2][3:] > 0).sum(-1) == 2).all()  # and the top-k rows are still truncated
+    drafts = torch.randint(v, (n,))
+    pair = torch.randn(n, 2, v)
+    q = torch.rand(n, v).softmax(-1)
+    lean = verify_rows(pair, drafts, q, plain_rows, u, u.flip(0), True, False)
+    for a, b in zip(lean, verify_rows(pair, drafts, q, plain_rows, u, u.flip(0), True, True)):
+        assert torch.equal(a, b)
     greedy_rows = RowParams.of([GREEDY] * n)
     assert torch.equal(sample_rows(logits, greedy_rows, u, False, False)[0], logits.argmax(-1))
     assert all(torch.equal(a, b) for a, b in zip(sample_rows(logits, greedy_rows, u, False, False)[:2],

@@ -5,8 +5,9 @@ token ids [n, T], start positions [n], the rows' sampling parameters (:class:`Ro
 uniform random numbers, all tensors on the device, so one traced graph serves every step and every
 mix of requests; sampling happens inside it and the host reads the sampled ids once per step. Two
 host-known flags (:func:`~nanoseek.infer.sampling.batch_needs`: does any row sample, does any
-sampled row truncate) drop the draw and the vocabulary sort from steps that need neither, so a
-compiled step has at most three graphs (greedy, sampled, truncated), each traced once.
+sampled row truncate) drop the draw and the vocabulary sort from steps that need neither; dynamo
+traces each combination that occurs (greedy, sampled, truncated) once, times the MoE's two
+formulations: at most six graphs per step function, under its default recompile limit of eight.
 
 * :meth:`DecodeStep.plain`: T = 1, one token per row.
 * :meth:`DecodeStep.speculative`: T = 2 (the pending token and the MTP draft), verification
