@@ -57,9 +57,16 @@ HALVED = ("hidden_size", "num_hidden_layers", "intermediate_size", "moe_intermed
 #: distinct ones (and cost ~5 points); 1,024 × 1 at temperature 0.5 keeps 800-930 and costs ~2
 #: (docs/2026-11-28-r1-laptop.md, session 8)
 RS_PROMPTS, RS_SAMPLES, RS_TEMPERATURE, RS_ORIGINAL = 1024, 1, 0.5, 1024
-#: the student's pretraining learning rate (the teacher's 3e-3 left seeds 0-2's students at 47.8 / 63.2 /
-#: 69.0%, and seed 0 at 81.6% in another run of the same seed; 1e-3: docs/2026-11-28-r1-laptop.md, session 8)
-STUDENT_LR = 1e-3
+#: the student's pretraining learning rate by optimizer. AdamW: 1e-3 (the teacher's 3e-3 left seeds 0-2's
+#: students at 47.8 / 63.2 / 69.0%, and seed 0 at 81.6% in another run of the same seed;
+#: docs/2026-11-28-r1-laptop.md, session 8). Muon (not listed): the teacher's, 3e-3 on the cpu preset — 92.5 ±
+#: 3.8% on seeds 0-2 where 1e-3 gave 38.9 ± 17.9% (docs/2026-11-29-speedrun-overheads.md)
+STUDENT_LR = {"adamw": 1e-3}
+
+
+def student_lr(pretrain: dict) -> float:
+    """The student's pretraining lr for the preset's pretraining settings (:data:`STUDENT_LR`)."""
+    return STUDENT_LR.get(pretrain.get("optimizer", "adamw"), pretrain["lr"])
 #: GRPO steps of the student's timing probe (then it resumes to the distillation's device time)
 PROBE_STEPS = 4
 #: the second GRPO round draws its problems from another run seed than the first
@@ -168,7 +175,7 @@ def run_seed(root: Path, seed: int, speedrun_dir: Path | None, log, preset: str 
         config = root / "student_config.json"
         get_preset("small").replace(vocab_size=p.vocab_size, **student_model(p.model)).save(config)
         pretrain(d, dict(config=str(config), data=[str(sr / "corpus.jsonl")], tokenizer=str(base),
-                         **dict(p.pretrain, lr=STUDENT_LR), **common), log=log)
+                         **dict(p.pretrain, lr=student_lr(p.pretrain)), **common), log=log)
     student = d / "final"
     row("student_base", held_out_at(d, base=True), stage_seconds(d))
     d = root / "student_distilled"
