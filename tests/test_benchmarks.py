@@ -143,6 +143,9 @@ def test_r1_tables_student_is_half_the_teacher_and_the_table_aggregates_seeds():
     sizes = [DeepSeekV3(get_preset("small").replace(vocab_size=512, **f)).num_parameters()
              for f in (teacher_fields, student_fields)]
     assert sizes[1] < sizes[0] / 4
+    # the student's lr follows the optimizer: AdamW's own, Muon the teacher's (measured, see STUDENT_LR)
+    assert r1_tables.student_lr(dict(PRESETS["cpu"].pretrain, optimizer="adamw")) == r1_tables.STUDENT_LR["adamw"]
+    assert r1_tables.student_lr(dict(PRESETS["cpu"].pretrain, optimizer="muon", lr=3e-3)) == 3e-3
 
     rows = [dict(seed=s, stage=stage, accuracy=acc, mean_length=length, seconds=60.0 * (s + 1))
             for s, stage, acc, length in [(0, "base", 0.70, 70), (1, "base", 0.80, 80),
